@@ -1,0 +1,252 @@
+"""The contract between the trainer and a method.
+
+The trainer owns epochs, the learning-rate schedule, evaluation, logging and checkpoints. A
+method owns its models, optimisers and what happens in one training step. Neither knows the
+other's internals, and methods know nothing of the CLI: they declare their options as `Option`s
+and the CLI turns those into flags.
+
+Writing a method::
+
+    @register
+    class MyMethod(Method):
+        name = "mine"
+        summary = "one line for `nrcore methods`"
+        paper = "Author et al., Venue Year"
+        needs_clean = True                     # trainer passes a trusted batch to train_step
+        options = (Option("tau", float, 0.5, "what tau does"),)
+
+        def __init__(self, ctx, tau):
+            super().__init__(ctx)
+            self.model = self.track("model", ctx.build_model())
+            self.opt = self.track("opt", ctx.make_optimizer(self.model.parameters()))
+            self.tau = tau
+
+        def scheduled_optimizers(self):
+            return [self.opt]
+
+        def train_step(self, batch, clean):
+            ...
+            return StepOutput(loss=loss.detach())
+
+        def eval_model(self):
+            return self.model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from nrcore.data.types import Batch, Task
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method hyperparameter. The CLI exposes it as `--<name with - for _>`.
+
+    type: int, float, str, bool, or a tuple of allowed strings (a choice).
+    Methods that share an option name must agree on its type; each keeps its own default.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass
+class OptimConfig:
+    """The main model's optimiser, resolved from the CLI/preset (SGD with momentum)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class StepOutput:
+    """What `train_step` returns. Keep everything on the device: the trainer sums `loss` and
+    `stats` without a host sync and reads them only every few steps.
+
+    loss:  0-d tensor, the training loss of this step (detached)
+    stats: extra 0-d tensors averaged over the epoch into metrics.jsonl (e.g. "beta", "skipped")
+    """
+
+    loss: torch.Tensor
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MethodContext:
+    """What the trainer gives a method: the task, the device, a model factory, the optimiser
+    settings and deterministic random generators."""
+
+    def __init__(
+        self,
+        task: Task,
+        device: torch.device,
+        model_factory: Callable[[], nn.Module],
+        optim: OptimConfig,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+    ):
+        self.task = task
+        self.device = torch.device(device)
+        self._model_factory = model_factory
+        self.optim = optim
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes
+
+    @property
+    def n_train(self) -> int:
+        return len(self.task.train)
+
+    def build_model(self) -> nn.Module:
+        """A fresh main model on the device (initialised from the global RNG, which the trainer
+        seeds before constructing the method)."""
+        return self._model_factory().to(self.device)
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], **overrides) -> torch.optim.SGD:
+        """SGD with the run's lr/momentum/weight decay (overrides win)."""
+        cfg = dataclasses.asdict(self.optim)
+        cfg.update(overrides)
+        return torch.optim.SGD(params, **cfg)
+
+    def generator(self, epoch: int, salt: str = "") -> torch.Generator:
+        """A CPU generator that depends only on (seed, epoch, salt): resuming at an epoch
+        reproduces exactly what an uninterrupted run drew there."""
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, epoch, salt))
+        return g
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed from a base seed and any labels (not Python's salted hash)."""
+    import hashlib
+
+    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class Method:
+    """Base class of every training method. See the module docstring."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_clean: ClassVar[bool] = False  # train_step receives a trusted batch
+    options: ClassVar[Tuple[Option, ...]] = ()
+    # Named presets: {"ebomlc-cifar10": {"dataset": "cifar10", "model": "resnet32", "epochs": 120,
+    #   "lr": 0.1, "milestones": [80, 100], "xi": 0.5, ...}}. Keys are train-config fields or
+    #   this method's option names.
+    presets: ClassVar[Dict[str, Dict[str, Any]]] = {}
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+        self._tracked: Dict[str, Any] = {}
+
+    # ---- state -----------------------------------------------------------------------------
+    def track(self, key: str, obj: Any) -> Any:
+        """Register a module, optimiser, tensor (e.g. per-example weights) or a plain
+        int/float/dict to be saved in checkpoints. Returns `obj` for chaining."""
+        self._tracked[key] = obj
+        return obj
+
+    def state_dict(self) -> Dict[str, Any]:
+        out = {}
+        for key, obj in self._tracked.items():
+            out[key] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+        return out
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        missing = set(self._tracked) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks method state {sorted(missing)}")
+        for key, obj in self._tracked.items():
+            value = state[key]
+            if hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(value)
+            elif isinstance(obj, torch.Tensor):
+                obj.copy_(value)
+            else:
+                self._tracked[key] = value
+                setattr(self, key, value)
+
+    # ---- training --------------------------------------------------------------------------
+    def scheduled_optimizers(self) -> List[torch.optim.Optimizer]:
+        """Optimisers whose learning rate follows the run's schedule (the trainer multiplies
+        each group's `initial_lr` by the schedule factor at the start of every epoch)."""
+        return []
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the first step of `epoch` (0-based)."""
+
+    def train_step(self, batch: Batch, clean: Optional[Batch]) -> StepOutput:
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        """Called after the last step of `epoch`; returns extra numbers for metrics.jsonl."""
+        return {}
+
+    def eval_model(self) -> nn.Module:
+        """The model whose predictions count (test/validation accuracy)."""
+        raise NotImplementedError
+
+    def example_weights(self) -> Optional[torch.Tensor]:
+        """Per-example weights [n_train] in [0, 1] for methods that keep them (the trainer logs
+        their clean/noisy means, AUROC and trajectories); None otherwise."""
+        return None
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        """Write method-specific analysis files at the end of a run (e.g. MLC's corrected-label
+        confusion matrix). Optional."""
+
+    def schedule_epoch(self, epoch: int) -> int:
+        """The epoch the learning-rate schedule sees (methods with phases may remap it)."""
+        return epoch
+
+    def num_epochs(self, epochs: int) -> int:
+        """How many trainer epochs a run of `epochs` takes (phased methods may need more)."""
+        return epochs
+
+
+# ---- registry ------------------------------------------------------------------------------
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a method available to the trainer and the CLI by `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> Dict[str, type]:
+    from nrcore import methods  # noqa: F401  (imports every method module)
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type:
+    reg = registry()
+    if name not in reg:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(reg)}")
+    return reg[name]

@@ -1,0 +1,51 @@
+"""Backbones used by the papers, all with one interface:
+
+    logits = model(x)
+    logits, feats = model(x, return_features=True)   # penultimate features, same forward
+    model.classifier                                  # the final nn.Linear (feats -> logits)
+    model.feature_dim                                 # width of feats
+
+`build_model(name, input_shape, num_classes)` makes one by name; `MODELS` lists the names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+from torch import nn
+
+from nrcore.models.resnet import PreActResNet18, ResNet32, ResNet34
+from nrcore.models.small import CNN, MLP
+
+__all__ = ["MODELS", "build_model", "describe_models", "CNN", "MLP", "ResNet32", "ResNet34", "PreActResNet18"]
+
+
+def _resnet50(input_shape, num_classes):
+    from nrcore.models.torchvision_models import resnet50
+
+    return resnet50(num_classes)
+
+
+_BUILDERS: Dict[str, Tuple[Callable[..., nn.Module], str]] = {
+    "resnet32": (lambda s, c: ResNet32(s[0], c), "CIFAR ResNet-32 (3x5 basic blocks, 16/32/64, option-A shortcuts): EBOMLC/MLC backbone"),
+    "resnet34": (lambda s, c: ResNet34(s[0], c), "ResNet-34, CIFAR variant (3x3 stem, no max-pool): FBR backbone"),
+    "preact-resnet18": (lambda s, c: PreActResNet18(s[0], c), "pre-activation ResNet-18 (CIFAR variant)"),
+    "cnn": (lambda s, c: CNN(s, c), "small 3-conv CNN for 28x28 and 8x8 inputs (fast CPU benchmark model)"),
+    "mlp": (lambda s, c: MLP(s, c), "2-hidden-layer MLP on flattened inputs"),
+    "resnet50": (_resnet50, "torchvision ResNet-50 for Clothing1M (needs torchvision; ImageNet weights if cached)"),
+}
+
+MODELS = tuple(_BUILDERS)
+
+
+def build_model(name: str, input_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A freshly initialised model (uses the global torch RNG)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return _BUILDERS[name][0](tuple(input_shape), num_classes)
+
+
+def describe_models() -> Dict[str, str]:
+    return {name: desc for name, (_, desc) in _BUILDERS.items()}
