@@ -1,0 +1,32 @@
+"""Plain cross-entropy on the noisy labels: the baseline every table starts with."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from nrcore.methods.base import Method, StepOutput, register
+
+
+@register
+class CrossEntropy(Method):
+    name = "ce"
+    summary = "plain cross-entropy on the noisy labels (baseline; trusted set unused unless --use-clean-in-train)"
+    paper = "baseline"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.model = self.track("model", ctx.build_model())
+        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
+
+    def scheduled_optimizers(self):
+        return [self.opt]
+
+    def train_step(self, batch, clean):
+        loss = F.cross_entropy(self.model(batch.x), batch.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return StepOutput(loss=loss.detach())
+
+    def eval_model(self):
+        return self.model

@@ -1,0 +1,374 @@
+"""The training loop every method shares.
+
+The trainer owns epochs, the learning-rate schedule, evaluation, logging and checkpoints; the
+method owns its models, optimisers and the per-step update (see nrcore.methods.base). Files in
+RUN_DIR:
+
+    config.json            the fully resolved configuration
+    metrics.jsonl          one JSON object per finished epoch (rewritten atomically each epoch)
+    summary.json           the run's headline numbers and config (written at the end, or when a
+                           run stops early, with "status" saying why)
+    checkpoint.pt          everything needed to resume after the last finished epoch
+    labels/...             the noisy labels and splits of this run (from nrcore.data)
+    weights.npz            per-example-weight methods: trajectories of a fixed random subset
+                           (clean and noisy marked) and the final weights of every example
+    <method files>         whatever the method saves at the end (see its docstring)
+
+Determinism: each epoch reseeds the global RNG and the data-order generators from
+(seed, epoch), so a resumed run repeats exactly what an uninterrupted one does on CPU.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+import nrcore
+from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
+from nrcore.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from nrcore.train.config import TrainConfig, lr_factor
+from nrcore.train.metrics import evaluate, weight_stats
+from nrcore.train.progress import Progress
+
+# Config keys that may differ when resuming (they do not change what is computed).
+RESUMABLE_CHANGES = {"epochs", "device", "threads", "data_dir", "download"}
+NONFINITE_CHECK_EVERY = 50  # steps between host reads of the running loss (one sync each)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last checkpoint is left untouched."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available in this torch build/machine")
+    return device
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: Optional[Progress] = None,
+        stop_after_epoch: Optional[int] = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = progress or Progress("quiet")
+        self.stop_after_epoch = stop_after_epoch
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self._prepare_run_dir()
+
+        from nrcore.data import build_task, save_task_labels
+        from nrcore.models import build_model
+
+        cls = get_method(cfg.method)
+        task = build_task(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            noise=cfg.noise,
+            clean_size=cfg.clean_size,
+            clean_frac=cfg.clean_frac,
+            val_size=cfg.val_size,
+            seed=cfg.seed,
+            use_clean_in_train=cfg.use_clean_in_train,
+            download=cfg.download,
+        )
+        if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
+            raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
+        self.task = task
+        if not self.resume:
+            save_task_labels(task, self.run_dir)
+
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        ctx = MethodContext(
+            task=task,
+            device=self.device,
+            model_factory=lambda: build_model(cfg.model, task.input_shape, task.num_classes),
+            optim=OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+        self.ctx = ctx
+        self.method = cls(ctx, **cfg.method_options)
+        self.total_epochs = self.method.num_epochs(cfg.epochs)
+
+        self.history: List[Dict[str, Any]] = []
+        self.trajectory: List[torch.Tensor] = []
+        start_epoch = 0
+        if self.resume:
+            start_epoch = self._restore()
+        self._init_weight_tracking()
+
+        self.progress.message(self._banner(start_epoch))
+        status = "finished"
+        try:
+            for epoch in range(start_epoch, self.total_epochs):
+                self._run_epoch(epoch)
+                if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch and epoch + 1 < self.total_epochs:
+                    status = f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {self.run_dir}"
+                    break
+        except NonFiniteLossError as exc:
+            self._write_summary(status=f"diverged: {exc}")
+            raise
+        if status == "finished":
+            self.method.save_artifacts(self.run_dir)
+        return self._write_summary(status=status)
+
+    # ------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        run_dir = self.run_dir
+        if self.resume:
+            if not run_dir.is_dir():
+                raise ValueError(f"--resume: no run directory {str(run_dir)!r}")
+        else:
+            if run_dir.exists() and any((run_dir / f).exists() for f in ("checkpoint.pt", "metrics.jsonl", "summary.json")):
+                raise ValueError(
+                    f"--out {str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or choose another --out"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", self.cfg.to_dict())
+
+    def _banner(self, start_epoch: int) -> str:
+        t, cfg = self.task, self.cfg
+        sizes = f"train {len(t.train)}, trusted {len(t.clean) if t.clean is not None else 0}, val {len(t.val) if t.val is not None else 0}, test {len(t.test)}"
+        what = "resuming at" if start_epoch else "starting"
+        return (
+            f"nrcore {cfg.method} on {cfg.dataset} ({sizes}), noise {cfg.noise} "
+            f"(realised {100 * t.noise_rate_realized:.1f}%), model {cfg.model}, {self.device}; "
+            f"{what} epoch {start_epoch + 1}/{self.total_epochs}; run dir {self.run_dir}"
+        )
+
+    def _restore(self) -> int:
+        state = load_checkpoint(self.run_dir)
+        saved = state["config"]
+        now = self.cfg.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"--resume: the run was made with different settings for {', '.join(changed)}")
+        self.method.load_state_dict(state["method"])
+        trainer = state["trainer"]
+        self.history = list(trainer["history"])
+        self.trajectory = list(trainer["trajectory"])
+        torch.set_rng_state(state["rng"]["torch"])
+        return int(state["epoch"])
+
+    def _init_weight_tracking(self) -> None:
+        self.tracked_index = None
+        weights = self.method.example_weights()
+        if weights is None or self.cfg.track_examples == 0:
+            return
+        n = weights.numel()
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "tracked-examples"))
+        k = min(self.cfg.track_examples, n)
+        self.tracked_index = torch.randperm(n, generator=g)[:k].sort().values
+        if not self.trajectory:  # weights before the first step
+            self.trajectory.append(weights.detach()[self.tracked_index.to(weights.device)].float().cpu())
+
+    # ------------------------------------------------------------------------------------
+    def _clean_batches(self, epoch: int) -> Optional[Iterator]:
+        if not self.method.needs_clean:
+            return None
+        task, cfg = self.task, self.cfg
+        batch_size = min(cfg.clean_batch_size or cfg.batch_size, len(task.clean))
+        generator = self.ctx.generator(epoch, "clean")
+
+        def cycle():
+            while True:
+                yield from task.loader("clean", batch_size, shuffle=True, augment=True, generator=generator, device=self.device)
+
+        return cycle()
+
+    def _run_epoch(self, epoch: int) -> None:
+        cfg, method, task = self.cfg, self.method, self.task
+        torch.manual_seed(derive_seed(cfg.seed, epoch, "epoch"))
+        factor = lr_factor(cfg, method.schedule_epoch(epoch))
+        for opt in method.scheduled_optimizers():
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+        method.start_epoch(epoch)
+
+        loader = task.loader(
+            "train", cfg.batch_size, shuffle=True, augment=True, generator=self.ctx.generator(epoch, "train"), device=self.device
+        )
+        clean_batches = self._clean_batches(epoch)
+        self.progress.start_epoch(epoch, self.total_epochs, len(loader))
+
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        stat_sums: Dict[str, torch.Tensor] = {}
+        steps = examples = 0
+        t0 = time.perf_counter()
+        for batch in loader:
+            clean = next(clean_batches) if clean_batches is not None else None
+            out = method.train_step(batch, clean)
+            loss_sum += out.loss.detach().double()
+            for key, value in out.stats.items():
+                value = value.detach().double()
+                stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
+            steps += 1
+            examples += len(batch)
+            if steps % NONFINITE_CHECK_EVERY == 0 or self.progress.due():
+                running = loss_sum.item()  # the one host sync, every few steps
+                self._check_finite(running, epoch, steps)
+                self.progress.update(steps, examples, running / steps)
+        mean_loss = loss_sum.item() / max(steps, 1)  # also waits for queued device work
+        train_seconds = time.perf_counter() - t0
+        self._check_finite(mean_loss, epoch, steps)
+
+        record: Dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": cfg.lr * factor,
+            "train_loss": mean_loss,
+            "noise_rate_realized": task.noise_rate_realized,
+            "seconds": train_seconds,
+            "steps": steps,
+            "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
+        }
+        record.update({k: v.item() / max(steps, 1) for k, v in stat_sums.items()})
+        record.update(method.end_epoch(epoch))
+
+        t_eval = time.perf_counter()
+        model = method.eval_model()
+        test = evaluate(model, task.loader("test", cfg.eval_batch_size, device=self.device))
+        record.update(test_acc=test["acc"], test_loss=test["loss"])
+        if task.val is not None and len(task.val):
+            val = evaluate(model, task.loader("val", cfg.eval_batch_size, device=self.device))
+            record.update(val_acc=val["acc"], val_loss=val["loss"])
+        weights = method.example_weights()
+        if weights is not None:
+            record.update(weight_stats(weights, task.train.is_noisy))
+            if self.tracked_index is not None:
+                self.trajectory.append(weights.detach()[self.tracked_index.to(weights.device)].float().cpu())
+        record["eval_seconds"] = time.perf_counter() - t_eval
+        self.history.append(record)
+
+        self._save(epoch + 1, weights)
+        self.progress.end_epoch(self._epoch_line(record))
+
+    def _check_finite(self, value: float, epoch: int, step: int) -> None:
+        if not np.isfinite(value):
+            last = f"{self.run_dir / 'checkpoint.pt'} (after epoch {epoch})" if epoch else "none (first epoch)"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({value}) in epoch {epoch + 1} by step {step}; "
+                f"last good checkpoint: {last}. Try a lower --lr."
+            )
+
+    def _epoch_line(self, r: Dict[str, Any]) -> str:
+        parts = [f"epoch {r['epoch']}/{self.total_epochs}", f"loss {r['train_loss']:.4f}", f"test {r['test_acc']:.2f}%"]
+        if "val_acc" in r:
+            parts.append(f"val {r['val_acc']:.2f}%")
+        if r.get("weight_auroc") is not None:
+            parts.append(f"w-auroc {r['weight_auroc']:.3f}")
+        parts.append(f"{r['seconds']:.1f}s")
+        return "  ".join(parts)
+
+    # ------------------------------------------------------------------------------------
+    def _save(self, epochs_done: int, weights: Optional[torch.Tensor]) -> None:
+        """Checkpoint, then files derived from it (metrics, weights): all atomic."""
+        state = {
+            "epoch": epochs_done,
+            "config": self.cfg.to_dict(),
+            "method": self.method.state_dict(),
+            "trainer": {"history": self.history, "trajectory": self.trajectory},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        save_checkpoint(self.run_dir, state)
+        lines = "".join(_json_line(r) for r in self.history).encode()
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", lambda f: f.write(lines))
+        if weights is not None:
+            self._write_weights(weights)
+
+    def _write_weights(self, weights: torch.Tensor) -> None:
+        is_noisy = self.task.train.is_noisy.cpu().numpy()
+        arrays = {"final_weights": weights.detach().float().cpu().numpy(), "is_noisy": is_noisy}
+        if self.tracked_index is not None:
+            idx = self.tracked_index.numpy()
+            arrays.update(
+                tracked_index=idx,
+                tracked_is_noisy=is_noisy[idx],
+                trajectories=torch.stack(self.trajectory).numpy(),  # [epochs + 1, k]; row 0: before training
+            )
+        atomic_write_bytes(self.run_dir / "weights.npz", lambda f: np.savez(f, **arrays))
+
+    def _write_summary(self, status: str) -> Dict[str, Any]:
+        cfg, h, task = self.cfg, self.history, self.task
+        last = h[-1] if h else {}
+        best = None
+        for r in h:
+            if r.get("val_acc") is not None and (best is None or r["val_acc"] > best["val_acc"]):
+                best = r
+        train_seconds = sum(r["seconds"] for r in h)
+        steps = sum(r["steps"] for r in h)
+        summary = {
+            "status": status,
+            "method": cfg.method,
+            "dataset": cfg.dataset,
+            "noise": cfg.noise,
+            "noise_rate_nominal": task.noise_rate_nominal,
+            "noise_rate_realized": task.noise_rate_realized,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "epochs": len(h),
+            "epochs_planned": self.total_epochs,
+            "test_acc_last": last.get("test_acc"),
+            "val_acc_last": last.get("val_acc"),
+            "test_acc_best_val": best["test_acc"] if best else None,
+            "best_val_epoch": best["epoch"] if best else None,
+            "val_acc_best": best["val_acc"] if best else None,
+            "test_acc_max": max((r["test_acc"] for r in h), default=None),
+            "test_acc_max_note": "maximum test accuracy over epochs, for comparison with papers that report it; selecting on test data is not a valid result",
+            "weight_auroc_last": last.get("weight_auroc"),
+            "seconds_per_epoch": train_seconds / len(h) if h else None,
+            "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
+            "seconds_per_step": train_seconds / steps if steps else None,
+            "train_seconds": train_seconds,
+            "eval_seconds": sum(r["eval_seconds"] for r in h),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "ops_backend": _ops_backend(),
+            "versions": {"nrcore": nrcore.__version__, "torch": torch.__version__, "python": platform.python_version()},
+            "task": task.info,
+            "config": cfg.to_dict(),
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def _json_line(record: Dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+def _ops_backend() -> Optional[str]:
+    try:
+        from nrcore import ops
+
+        return ops.backend()
+    except Exception:  # ops not built yet / import failure should not kill the summary
+        return None
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, **kwargs) -> Dict[str, Any]:
+    """Run (or with resume=True continue) one training run; returns the summary dict."""
+    return Trainer(cfg, run_dir, **kwargs).run()
