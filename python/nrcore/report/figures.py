@@ -1,0 +1,342 @@
+"""`nrcore report`: PNG figures of finished runs and an `index.md` that shows them.
+
+Figures (matplotlib, Agg backend: no display needed):
+
+    accuracy_<dataset>_<noise>_<model>.png    test and clean-validation accuracy per epoch,
+                                              one line per run, one colour per method
+    weight-auroc_<dataset>_<noise>_<model>.png per-example-weight methods: weight AUROC per
+                                              epoch, and mean weight of clean vs noisy examples
+    trajectories_<run>.png                    weights of the tracked examples over training,
+                                              clean vs noisy (FBR paper, Fig. 1a)
+    weight-hist_<run>.png                     final weights of all training examples, clean vs
+                                              noisy (FBR paper, Fig. 1e)
+    label-correction_<run>.png                true label vs noisy label and vs the meta model's
+                                              corrected label, rows normalised (EBOMLC Fig. 6)
+
+Per-run figures are drawn for the lowest seed of each table row unless `every_seed` is set
+(a 3-seed grid would otherwise triple them without showing anything new).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nrcore.report.runs import Run, RowKey, find_runs, group_runs, split_finished
+
+CLEAN_COLOR = "tab:blue"
+NOISY_COLOR = "tab:red"
+BASELINE_COLOR = "black"
+DPI = 110
+
+
+def _pyplot():
+    """pyplot on the headless Agg backend (imported here only: never at package import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("_")
+
+
+def method_colors(labels: Sequence[str]) -> Dict[str, object]:
+    """One colour per method label, stable for a given set of labels; `ce` in black."""
+    plt = _pyplot()
+    others = sorted(set(labels) - {"ce"})
+    cmap = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
+    colors: Dict[str, object] = {label: cmap(i % cmap.N) for i, label in enumerate(others)}
+    colors["ce"] = BASELINE_COLOR
+    return colors
+
+
+def _noise_title(dataset: str, noise: str, model: str, runs: Sequence[Run]) -> str:
+    rates = [r.summary.get("noise_rate_realized") for r in runs if r.summary and r.summary.get("noise_rate_realized") is not None]
+    realised = f" (realised {100 * float(np.mean(rates)):.1f}%)" if rates and noise != "clean" else ""
+    return f"{dataset}, noise {noise}{realised}, model {model}"
+
+
+def _run_title(run: Run, label: str) -> str:
+    return f"{label} on {run.dataset}, noise {run.noise}, seed {run.seed}"
+
+
+def _series(run: Run, key: str) -> Tuple[np.ndarray, np.ndarray]:
+    points = [(m["epoch"], m[key]) for m in run.metrics if m.get(key) is not None]
+    if not points:
+        return np.empty(0), np.empty(0)
+    epochs, values = zip(*points)
+    return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float)
+
+
+def _legend_right(fig, handles, labels):
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+
+
+def _epoch_axis(ax, label: str = "epoch") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+# ---- figures over all runs of a (dataset, noise, model) --------------------------------------
+def plot_accuracy(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path: Path) -> Path:
+    """Test accuracy (and clean-validation accuracy when logged) per epoch, a line per run."""
+    plt = _pyplot()
+    runs = [r for members in rows.values() for r in members]
+    has_val = any(_series(r, "val_acc")[0].size for r in runs)
+    fig, axes = plt.subplots(
+        1, 2 if has_val else 1, figsize=(12 if has_val else 7.5, 4.4), sharey=True, squeeze=False, layout="constrained"
+    )
+    panels = [("test_acc", "test set")] + ([("val_acc", "clean validation split")] if has_val else [])
+    handles, names = [], []
+    for ax, (key, title) in zip(axes[0], panels):
+        for row_key, members in rows.items():
+            for i, run in enumerate(members):
+                x, y = _series(run, key)
+                (line,) = ax.plot(x, y, color=colors[row_key.label], lw=1.3, alpha=0.85)
+                if ax is axes[0][0] and i == 0:
+                    handles.append(line)
+                    names.append(f"{row_key.label} ({_seeds(len(members))})")
+        ax.set_title(title)
+        _epoch_axis(ax)
+    axes[0][0].set_ylabel("accuracy (%)")
+    first = next(iter(rows))
+    fig.suptitle(f"Accuracy per epoch: {_noise_title(first.dataset, first.noise, first.model, runs)}")
+    _legend_right(fig, handles, names)
+    return _save(fig, path)
+
+
+def plot_weight_auroc(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path: Path) -> Path:
+    """Weight AUROC (clean vs noisy) per epoch, and the mean weight of clean and noisy examples."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, (ax_auc, ax_mean) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    handles, names = [], []
+    for row_key, members in rows.items():
+        color = colors[row_key.label]
+        for i, run in enumerate(members):
+            x, y = _series(run, "weight_auroc")
+            ax_auc.plot(x, y, color=color, lw=1.3, alpha=0.85)
+            ax_mean.plot(*_series(run, "weight_mean_clean"), color=color, lw=1.3, alpha=0.85)
+            ax_mean.plot(*_series(run, "weight_mean_noisy"), color=color, lw=1.3, alpha=0.85, ls="--")
+        handles.append(Line2D([], [], color=color, lw=2))
+        names.append(f"{row_key.label} ({_seeds(len(members))})")
+    ax_auc.axhline(0.5, color="grey", ls=":", lw=1)
+    handles += [Line2D([], [], color="grey", ls=":"), Line2D([], [], color="grey", ls="-"), Line2D([], [], color="grey", ls="--")]
+    names += ["chance (AUROC 0.5)", "clean examples (right)", "noisy examples (right)"]
+    ax_auc.set(title="weight AUROC, clean vs noisy (1 = perfect)", ylabel="AUROC")
+    ax_mean.set(title="mean weight", ylabel="mean example weight")
+    for ax in (ax_auc, ax_mean):
+        _epoch_axis(ax)
+    runs = [r for members in rows.values() for r in members]
+    first = next(iter(rows))
+    fig.suptitle(f"Per-example weights: {_noise_title(first.dataset, first.noise, first.model, runs)}")
+    _legend_right(fig, handles, names)
+    return _save(fig, path)
+
+
+# ---- per-run figures --------------------------------------------------------------------------
+def plot_weight_trajectories(run: Run, label: str, path: Path) -> Optional[Path]:
+    """Weights of the tracked examples from before training (epoch 0) to the end."""
+    plt = _pyplot()
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    with np.load(run.weights_file) as data:
+        if "trajectories" not in data:
+            return None
+        traj = np.asarray(data["trajectories"], dtype=float)  # [epochs + 1, k]
+        noisy = np.asarray(data["tracked_is_noisy"], dtype=bool)
+    epochs = np.arange(traj.shape[0])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # noisy first so the (usually fewer) clean lines stay visible on top
+    for mask, color in ((noisy, NOISY_COLOR), (~noisy, CLEAN_COLOR)):
+        segments = [np.column_stack([epochs, traj[:, j]]) for j in np.flatnonzero(mask)]
+        ax.add_collection(LineCollection(segments, colors=color, linewidths=0.6, alpha=0.18))
+    for mask, color in ((noisy, NOISY_COLOR), (~noisy, CLEAN_COLOR)):
+        if mask.any():
+            ax.plot(epochs, traj[:, mask].mean(1), color=color, lw=2.8, path_effects=_outline())
+    ax.autoscale()
+    ax.set(ylabel="example weight", xlim=(0, max(epochs[-1], 1)))
+    _epoch_axis(ax, "epoch (0 = before training)")
+    handles = [
+        Line2D([], [], color=CLEAN_COLOR, lw=1, alpha=0.6), Line2D([], [], color=NOISY_COLOR, lw=1, alpha=0.6),
+        Line2D([], [], color=CLEAN_COLOR, lw=2.8), Line2D([], [], color=NOISY_COLOR, lw=2.8),
+    ]
+    names = [f"clean example ({(~noisy).sum()})", f"noisy example ({noisy.sum()})", "mean of clean", "mean of noisy"]
+    ax.legend(handles, names, loc="best", framealpha=0.9)
+    ax.set_title(f"Weight trajectories of {len(noisy)} tracked training examples\n{_run_title(run, label)}")
+    return _save(fig, path)
+
+
+def _outline():
+    import matplotlib.patheffects as pe
+
+    return [pe.Stroke(linewidth=4.2, foreground="white"), pe.Normal()]
+
+
+def plot_weight_histogram(run: Run, label: str, path: Path) -> Path:
+    """Final weights of every training example, clean and noisy stacked side by side."""
+    plt = _pyplot()
+    with np.load(run.weights_file) as data:
+        weights = np.asarray(data["final_weights"], dtype=float)
+        noisy = np.asarray(data["is_noisy"], dtype=bool)
+    lo, hi = min(0.0, float(weights.min())), max(1.0, float(weights.max()))
+    bins = np.linspace(lo, hi, 41)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.hist(
+        [weights[~noisy], weights[noisy]], bins=bins, color=[CLEAN_COLOR, NOISY_COLOR], alpha=0.6, histtype="stepfilled",
+        label=[f"clean ({(~noisy).sum()} examples)", f"noisy ({noisy.sum()} examples)"],
+    )
+    ax.set(xlabel="final example weight", ylabel="number of training examples")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center")
+    auroc = (run.summary or {}).get("weight_auroc_last")
+    auroc_text = f", weight AUROC {auroc:.3f}" if auroc is not None else ""
+    ax.set_title(f"Final weights, clean vs noisy{auroc_text}\n{_run_title(run, label)}")
+    return _save(fig, path)
+
+
+def plot_label_correction(run: Run, label: str, path: Path) -> Path:
+    """Row-normalised confusion of the true label with the noisy label (what training saw) and
+    with the meta model's corrected label (what MLC-style methods train on instead)."""
+    plt = _pyplot()
+    with np.load(run.label_correction_file) as data:
+        panels = [("noisy_confusion", "noisy label"), ("confusion", "meta-model corrected label")]
+        mats = [(np.asarray(data[k], dtype=float), name) for k, name in panels if k in data]
+    if not mats:
+        raise ValueError(f"{run.label_correction_file} holds neither 'confusion' nor 'noisy_confusion'")
+    classes = mats[0][0].shape[0]
+    names = ((run.summary or {}).get("task") or {}).get("class_names")
+    if not (isinstance(names, list) and len(names) == classes):
+        names = [str(c) for c in range(classes)]
+    fig, axes = plt.subplots(1, len(mats), figsize=(5.2 * len(mats) + 1, 5), squeeze=False)
+    image = None
+    for ax, (counts, name) in zip(axes[0], mats):
+        totals = counts.sum(1, keepdims=True)
+        frac = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        agree = 100 * np.trace(counts) / max(counts.sum(), 1)
+        image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        ax.set(title=f"true vs {name}\n(agree on {agree:.1f}% of examples)", xlabel=name, ylabel="true label")
+        step = max(1, classes // 20)  # at most ~20 tick labels
+        ticks = np.arange(0, classes, step)
+        ax.set_xticks(ticks, [names[t] for t in ticks], rotation=90 if max(map(len, names)) > 2 else 0)
+        ax.set_yticks(ticks, [names[t] for t in ticks])
+        if classes <= 12:
+            for i in range(classes):
+                for j in range(classes):
+                    if frac[i, j] >= 0.005:
+                        ax.text(j, i, f"{100 * frac[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                                color="white" if frac[i, j] > 0.55 else "black")
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
+    bar.set_label("fraction of the true class (row sums to 1; cells in %)")
+    fig.suptitle(f"Label correction on the training set: {_run_title(run, label)}")
+    return _save(fig, path)
+
+
+# ---- the report -------------------------------------------------------------------------------
+@dataclass
+class Report:
+    out: Path
+    index: Path
+    figures: List[Path] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = False) -> Report:
+    """Figures and index.md for the finished runs at or below `paths`."""
+    from nrcore.report.table import build_rows, duplicate_seed_notes, format_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = find_runs(paths)
+    finished, notes = split_finished(runs)
+    if not finished:
+        raise ValueError(f"none of the {len(runs)} runs found is finished; " + "; ".join(notes[:3]))
+    rows = group_runs(finished)
+    colors = method_colors([k.label for k in rows])
+    report = Report(out=out, index=out / "index.md", notes=notes)
+    table_rows = build_rows(finished)
+    report.notes += duplicate_seed_notes(table_rows)
+
+    md = [
+        "# nrcore report",
+        "",
+        f"{len(finished)} finished runs from {', '.join(f'`{p}`' for p in paths)}, "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "## Table",
+        "",
+        format_markdown(table_rows),
+    ]
+    by_setting: Dict[Tuple[str, str, str], Dict[RowKey, List[Run]]] = {}
+    for key, members in rows.items():
+        by_setting.setdefault((key.dataset, key.noise, key.model), {})[key] = members
+
+    taken: set = set()
+
+    def figure_path(kind: str, *parts: str) -> Path:
+        stem = _safe(f"{kind}_{'_'.join(parts)}")
+        name, k = f"{stem}.png", 2
+        while name in taken:
+            name, k = f"{stem}-{k}.png", k + 1
+        taken.add(name)
+        return out / name
+
+    def show(path: Optional[Path], alt: str) -> None:
+        if path is not None:
+            report.figures.append(path)
+            md.extend([f"![{alt}]({path.name})", ""])
+
+    for (dataset, noise, model), group in by_setting.items():
+        md += [f"## {dataset}, noise {noise}, model {model}", ""]
+        show(plot_accuracy(group, colors, figure_path("accuracy", dataset, noise, model)), "accuracy per epoch")
+
+        weighted = {k: [r for r in v if any(m.get("weight_auroc") is not None for m in r.metrics)] for k, v in group.items()}
+        weighted = {k: v for k, v in weighted.items() if v}
+        if weighted:
+            md += ["### Per-example weights", ""]
+            show(plot_weight_auroc(weighted, colors, figure_path("weight-auroc", dataset, noise, model)), "weight AUROC per epoch")
+
+        for key, members in group.items():
+            for run in members if every_seed else members[:1]:
+                name = f"{dataset}_{noise}_{model}_{key.label}_seed{run.seed}"
+                per_run = []
+                if run.weights_file is not None:
+                    per_run.append((plot_weight_trajectories(run, key.label, figure_path("trajectories", name)), "weight trajectories"))
+                    per_run.append((plot_weight_histogram(run, key.label, figure_path("weight-hist", name)), "final weight histogram"))
+                if run.label_correction_file is not None:
+                    per_run.append((plot_label_correction(run, key.label, figure_path("label-correction", name)), "label correction heatmap"))
+                if per_run:
+                    md += [f"### {key.label}, seed {run.seed}", "", f"Run directory: `{run.path}`", ""]
+                    for path, alt in per_run:
+                        show(path, alt)
+        if not every_seed and any(len(v) > 1 for v in group.values()):
+            md += ["Per-run figures show the lowest seed of each method (`nrcore report --every-seed` draws all).", ""]
+
+    if report.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    report.index.write_text("\n".join(md))
+    return report

@@ -1,0 +1,81 @@
+"""`nrcore report`: every figure renders from hand-built run directories as a readable PNG."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from nrcore.report.figures import render_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KINDS = ("accuracy", "weight-auroc", "trajectories", "weight-hist", "label-correction")
+
+
+def check_png(path):
+    from PIL import Image
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        width, height = im.size
+    assert width > 300 and height > 200, f"{path.name} is only {width}x{height}"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.std() > 0.01, f"{path.name} is blank"
+
+
+def test_every_figure_renders(synthetic_runs, tmp_path):
+    report = render_report([synthetic_runs], tmp_path / "out")
+    names = sorted(p.name for p in report.figures)
+    for kind in KINDS:
+        assert any(n.startswith(kind + "_") for n in names), f"no {kind} figure among {names}"
+    for path in report.figures:
+        check_png(path)
+
+    index = report.index.read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index)
+    assert sorted(linked) == names
+    assert "| ce " in index and "fbr" in index  # the table is in the index too
+    # the unfinished seed-2 run is skipped, and said so
+    assert any("seed2" in n and "no summary.json" in n for n in report.notes)
+    assert "seed2" in index
+
+
+def test_per_run_figures_lowest_seed_unless_every_seed(synthetic_runs, tmp_path):
+    default = render_report([synthetic_runs], tmp_path / "a")
+    every = render_report([synthetic_runs], tmp_path / "b", every_seed=True)
+    per_run = lambda rep: sorted(p.name for p in rep.figures if p.name.startswith(("trajectories", "weight-hist", "label-correction")))
+    assert all("seed0" in n for n in per_run(default)) and len(per_run(default)) == 3
+    assert len(per_run(every)) == 6 and any("seed1" in n for n in per_run(every))
+
+
+def test_single_run_without_validation_split(make_run, tmp_path):
+    run_dir = make_run(tmp_path / "runs", "ce", "clean", 3, test_acc=[90.0, 95.0])
+    report = render_report([run_dir], tmp_path / "out")
+    assert [p.name for p in report.figures] == ["accuracy_digits_clean_cnn.png"]
+    check_png(report.figures[0])
+    assert report.notes == []
+
+
+def test_report_cli(synthetic_runs, tmp_path):
+    from nrcore.cli import cli
+
+    out = tmp_path / "cli-out"
+    result = CliRunner().invoke(cli, ["report", str(synthetic_runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "figures" in result.output and (out / "index.md").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["report", str(empty), "--out", str(out)])
+    assert result.exit_code != 0 and "no run directories" in result.output
+
+
+def test_matplotlib_not_imported_by_package_or_cli():
+    code = "import sys, nrcore, nrcore.cli, nrcore.report, nrcore.report.cli; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
