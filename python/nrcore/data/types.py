@@ -9,9 +9,11 @@ model's device, augmented and normalised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
+
+SPLIT_NAMES = ("train", "clean", "val", "test")
 
 
 @dataclass
@@ -40,7 +42,8 @@ class Split:
     `source` an object the loader knows how to stream, e.g. Clothing1M).
 
     labels:       int64 [N], what methods see (noisy labels for the training split)
-    true_labels:  int64 [N], the original labels (analysis only; equal to `labels` for clean splits)
+    true_labels:  int64 [N], the original labels (analysis only; equal to `labels` for clean splits;
+                  -1 where unknown: Clothing1M's noisy set, custom data without `y_true`)
     source_index: int64 [N], index of each example in the dataset's original split (audit trail)
     """
 
@@ -49,14 +52,41 @@ class Split:
     source_index: torch.Tensor
     images: Optional[torch.Tensor] = None
     source: Any = None
+    # device copies of `images` made by the loader (images never change after build_task)
+    _device_images: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def images_on(self, device: torch.device) -> torch.Tensor:
+        """`images` on `device`, copied there once and kept."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.images
+        key = str(device)
+        if key not in self._device_images:
+            self._device_images[key] = self.images.to(device)
+        return self._device_images[key]
+
     @property
     def is_noisy(self) -> torch.Tensor:
-        """bool [N]: label differs from the original label."""
-        return self.labels != self.true_labels
+        """bool [N]: label differs from the original label (False where that is unknown)."""
+        return (self.labels != self.true_labels) & (self.true_labels >= 0)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation, run batched on the device: zero-pad by `pad`, take a random
+    `crop` x `crop` window, flip horizontally with prob. 1/2 when `flip`. Images stored larger
+    than `crop` (Clothing1M: 256) are centre-cropped when not augmenting."""
+
+    pad: int
+    crop: int
+    flip: bool
+
+    def __str__(self) -> str:
+        parts = [f"random crop {self.crop}" + (f" after {self.pad}-pixel zero padding" if self.pad else "")]
+        return ", ".join(parts + (["horizontal flip"] if self.flip else []))
 
 
 @dataclass
@@ -64,8 +94,12 @@ class Task:
     """A dataset with a noise model applied and the trusted/validation splits drawn.
 
     Built by `nrcore.data.build_task`. `train` is the noisy training set and never shares an
-    example with `clean` or `val` (see the spec). `clean` is None when no trusted set was asked
+    example with `clean` or `val` (see the spec); with `use_clean_in_train` the trusted examples
+    are appended to it (last rows, clean labels). `clean` is None when no trusted set was asked
     for; `val` is None without `--val-size`.
+
+    mean, std:     per-channel normalisation (of pixel values in [0, 1]) applied by `loader`
+    augmentation:  what `loader(..., augment=True)` does; None: the dataset has no augmentation
     """
 
     dataset: str
@@ -81,6 +115,19 @@ class Task:
     transition_matrix: Optional[torch.Tensor] = None  # [C, C] float64, T[c, c'] = P(noisy c' | true c)
     class_names: Optional[list] = None
     info: dict = field(default_factory=dict)  # sizes, seeds, choices: copied into summary.json
+    mean: Tuple[float, ...] = ()
+    std: Tuple[float, ...] = ()
+    augmentation: Optional[Augmentation] = None
+
+    def split(self, name: str) -> Split:
+        """The split called `name` ("train", "clean", "val" or "test")."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}; choose one of: {', '.join(SPLIT_NAMES)}")
+        split = getattr(self, name)
+        if split is None:
+            hint = "build_task(clean_size=... or clean_frac=...)" if name == "clean" else "build_task(val_size=...)"
+            raise ValueError(f"this task has no {name!r} split; ask for one with {hint}")
+        return split
 
     def loader(
         self,
@@ -92,9 +139,23 @@ class Task:
         drop_last: bool = False,
         generator: Optional[torch.Generator] = None,
         device: torch.device | str = "cpu",
+        num_workers: Optional[int] = None,
     ) -> "BatchLoader":
-        """Batches of split `split` ("train", "clean", "val" or "test")."""
-        raise NotImplementedError  # provided by nrcore.data.loader
+        """Batches of split `split` ("train", "clean", "val" or "test").
+
+        shuffle:     a new order every pass, drawn from `generator`
+        augment:     apply `self.augmentation` (no-op for datasets without one)
+        generator:   CPU generator for the order and the augmentation draws; None uses torch's
+                     global generator (as `torch.utils.data.DataLoader` does)
+        device:      where batches are built; in-memory images are copied there once
+        num_workers: decoding processes for streamed splits (Clothing1M); ignored otherwise
+        """
+        from nrcore.data.loader import make_loader
+
+        return make_loader(
+            self, self.split(split), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
+            generator=generator, device=device, num_workers=num_workers,
+        )
 
 
 class BatchLoader:

@@ -1,0 +1,154 @@
+"""Batching: `Task.loader(...)` builds one of these.
+
+In-memory splits (everything but Clothing1M) keep uint8 images in one tensor, copied once to the
+device; a batch is an index_select, the augmentation (one gather that crops and flips the whole
+batch) and one fused normalisation, all on the device. The random order and the augmentation
+draws come from the caller's CPU generator, so a seed reproduces every batch. Streamed splits
+decode image files in DataLoader workers and then go through the same batched steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nrcore.data.types import Augmentation, Batch, BatchLoader, Split, Task
+
+
+class _BatchTransform:
+    """uint8 [B, C, S, S] on the device -> normalised float [B, C, out, out]: random crop/flip
+    when augmenting, centre crop when the stored size exceeds the model's input size."""
+
+    def __init__(self, task: Task, device: torch.device):
+        mean = torch.tensor(task.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(task.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+        self.augmentation: Optional[Augmentation] = task.augmentation
+        self.out_size = int(task.input_shape[-1])
+        self.device = device
+
+    def __call__(self, x: torch.Tensor, augment: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+        aug = self.augmentation
+        if augment and aug is not None:
+            x = self._random_crop_flip(x, aug, generator)
+        elif x.shape[-1] != self.out_size:
+            start = (x.shape[-1] - self.out_size) // 2
+            x = x[:, :, start : start + self.out_size, start : start + self.out_size]
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+    def _random_crop_flip(self, x: torch.Tensor, aug: Augmentation, generator: Optional[torch.Generator]) -> torch.Tensor:
+        batch, size = x.shape[0], x.shape[-1]
+        span = size + 2 * aug.pad - aug.crop
+        offsets = torch.randint(0, span + 1, (2, batch), generator=generator).to(self.device)
+        flips = (torch.rand(batch, generator=generator) < 0.5) if aug.flip else torch.zeros(batch, dtype=torch.bool)
+        flips = flips.to(self.device)
+        if aug.pad:
+            x = F.pad(x, (aug.pad,) * 4)
+        padded = x.shape[-1]
+        ramp = torch.arange(aug.crop, device=self.device)
+        rows = offsets[0, :, None] + ramp
+        cols = offsets[1, :, None] + torch.where(flips[:, None], aug.crop - 1 - ramp, ramp)
+        # one gather over the flattened pixels picks every crop (and mirrors the flipped ones)
+        pixel = (rows[:, :, None] * padded + cols[:, None, :]).view(batch, 1, -1).expand(-1, x.shape[1], -1)
+        return torch.gather(x.reshape(batch, x.shape[1], -1), 2, pixel).view(batch, x.shape[1], aug.crop, aug.crop)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+class _SplitLoader(BatchLoader):
+    def __init__(self, task, split, batch_size, *, shuffle, augment, drop_last, generator, device):
+        self.split: Split = split
+        self.batch_size = _check_batch_size(batch_size)
+        self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), bool(drop_last)
+        self.generator = generator
+        self.device = torch.device(device)
+        self.transform = _BatchTransform(task, self.device)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _order(self) -> Optional[torch.Tensor]:
+        return torch.randperm(len(self.split), generator=self.generator) if self.shuffle else None
+
+    def _index_batches(self, order: Optional[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for b in range(len(self)):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.split))
+            yield torch.arange(lo, hi) if order is None else order[lo:hi]
+
+    def _batch(self, x_uint8: torch.Tensor, index: torch.Tensor) -> Batch:
+        nb = self.device.type == "cuda"
+        return Batch(
+            x=self.transform(x_uint8, self.augment, self.generator),
+            y=self.split.labels[index].to(self.device, non_blocking=nb),
+            index=index.to(self.device, non_blocking=nb),
+            y_true=self.split.true_labels[index].to(self.device, non_blocking=nb),
+        )
+
+
+class InMemoryLoader(_SplitLoader):
+    """Batches of a split whose uint8 images are in memory."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        images = self.split.images_on(self.device)
+        order = self._order()
+        for index in self._index_batches(order):
+            if order is None:  # a contiguous slice: no copy
+                x = images[int(index[0]) : int(index[-1]) + 1]
+            else:
+                x = images.index_select(0, index.to(self.device))
+            yield self._batch(x, index)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.source[i]
+
+
+class StreamingLoader(_SplitLoader):
+    """Batches of a split decoded from files by DataLoader workers (Clothing1M)."""
+
+    def __init__(self, *args, num_workers: Optional[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches: List[torch.Tensor] = list(self._index_batches(self._order()))
+        decoded = torch.utils.data.DataLoader(
+            _Decoded(self.split.source),
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.num_workers,
+            collate_fn=torch.stack,
+            pin_memory=self.device.type == "cuda",
+        )
+        for index, x in zip(batches, decoded):
+            yield self._batch(x.to(self.device, non_blocking=True), index)
+
+
+def make_loader(task: Task, split: Split, batch_size: int, *, shuffle, augment, drop_last, generator, device, num_workers) -> BatchLoader:
+    options = dict(shuffle=shuffle, augment=augment, drop_last=drop_last, generator=generator, device=device)
+    if split.images is not None:
+        return InMemoryLoader(task, split, batch_size, **options)
+    if split.source is not None:
+        return StreamingLoader(task, split, batch_size, num_workers=num_workers, **options)
+    raise ValueError("split has neither in-memory images nor a source to stream from")

@@ -1,0 +1,339 @@
+"""`build_task`: a dataset, a noise model and the trusted/validation splits, as one `Task`;
+`save_task_labels`: the run's labels and split indices on disk, for audit and reproduction.
+
+Order of operations (spec, "Noise models and splits"):
+1. the trusted set: class-balanced, drawn from the ORIGINAL clean labels of the training pool;
+2. the clean validation split: class proportions kept, disjoint from the trusted set;
+3. the noisy training set: everything else; only it gets noisy labels. Synthetic noise is drawn
+   for every pool example from one seeded generator and then kept for the noisy set, so the
+   noisy label of an example depends only on (seed, example), not on the split sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from nrcore.data import formats
+from nrcore.data.datasets import RawDataset, load_dataset
+from nrcore.data.errors import DataError
+from nrcore.data.noise import (
+    REAL_LABEL_SPECS,
+    NoiseSpec,
+    empirical_transition,
+    expected_noise_rate,
+    sample_noisy_labels,
+)
+from nrcore.data.splits import class_orders, draw_trusted, draw_val, per_class_trusted_count, seeded_generator
+from nrcore.data.types import SPLIT_NAMES, Split, Task
+
+# Datasets whose labels come from files of real noisy labels: the specs they accept.
+REAL_LABEL_DATASETS = {
+    name: ("clean",) + tuple(spec for spec, (datasets, _) in REAL_LABEL_SPECS.items() if name in datasets)
+    for name in ("cifar10n", "cifar100n", "clothing1m")
+}
+REAL_LABEL_DATASETS["clothing1m"] = ("real",)  # its noisy set has no clean labels to start from
+
+
+def check_noise_for_dataset(spec: NoiseSpec, dataset: str) -> None:
+    """Reject a noise spec the dataset cannot provide (before any file is read)."""
+    allowed = REAL_LABEL_DATASETS.get(dataset)
+    if allowed is not None and str(spec) not in allowed:
+        twin = {"cifar10n": "cifar10", "cifar100n": "cifar100"}.get(dataset)
+        hint = f"; for synthetic noise use --dataset {twin}" if twin and spec.is_synthetic else ""
+        raise ValueError(f"dataset {dataset!r} takes noise {', '.join(allowed)}, not {str(spec)!r}{hint}")
+    if spec.is_real and dataset not in REAL_LABEL_SPECS[spec.kind][0]:
+        raise ValueError(f"noise {str(spec)!r} uses the real labels of {', '.join(REAL_LABEL_SPECS[spec.kind][0])}, not of {dataset!r}")
+
+
+def _trusted_request(clean_size, clean_frac, base: int) -> Optional[float]:
+    """The requested trusted-set size in examples (None: no trusted set)."""
+    if clean_size is not None and clean_frac is not None:
+        raise ValueError("give clean_size or clean_frac, not both")
+    if clean_size is not None:
+        if isinstance(clean_size, bool) or not isinstance(clean_size, (int, np.integer)) or clean_size < 0:
+            raise ValueError(f"clean_size must be a non-negative int, got {clean_size!r}")
+        return float(clean_size) or None
+    if clean_frac is not None:
+        if not 0.0 <= float(clean_frac) < 1.0:
+            raise ValueError(f"clean_frac must be in [0, 1), got {clean_frac!r}")
+        return float(clean_frac) * base or None
+    return None
+
+
+def _val_count(val_size: Union[int, float], base: int) -> int:
+    """val_size >= 1: a count; in (0, 1): a fraction of the training set; 0: none."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float, np.integer, np.floating)) or val_size < 0:
+        raise ValueError(f"val_size must be a count >= 1, a fraction in (0, 1) or 0, got {val_size!r}")
+    if 0 < val_size < 1:
+        return int(round(float(val_size) * base))
+    if float(val_size) != int(val_size):
+        raise ValueError(f"val_size {val_size!r} is neither a whole count nor a fraction in (0, 1)")
+    return int(val_size)
+
+
+def _make_split(raw: RawDataset, indices: np.ndarray, labels: np.ndarray, true_labels: np.ndarray) -> Split:
+    images, source = raw.train.select_inputs(indices)
+    return Split(
+        labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+        true_labels=torch.from_numpy(np.ascontiguousarray(true_labels, dtype=np.int64)),
+        source_index=torch.from_numpy(raw.train.source_index[indices]),
+        images=images,
+        source=source,
+    )
+
+
+def _per_class(labels: np.ndarray, num_classes: int) -> list:
+    return np.bincount(labels[labels >= 0], minlength=num_classes).tolist()
+
+
+def build_task(
+    dataset: str,
+    *,
+    data_dir: Union[str, Path, None] = None,
+    noise: Union[str, NoiseSpec] = "clean",
+    clean_size: Optional[int] = None,
+    clean_frac: Optional[float] = None,
+    val_size: Union[int, float] = 0,
+    seed: int = 0,
+    use_clean_in_train: bool = False,
+    download: bool = False,
+    verify_checksums: bool = True,
+) -> Task:
+    """Load `dataset`, draw the trusted and validation splits, apply `noise` to the rest.
+
+    data_dir:            the data folder (None: $NRCORE_DATA); `docs/data.md` lists the layouts
+    noise:               a `NoiseSpec` or its string ("clean", "sym80", "asym40", "aggre", ...)
+    clean_size / clean_frac:
+                         the trusted set: a count, or a fraction of the training set; rounded to
+                         whole per-class counts (reported); both None: no trusted set
+    val_size:            clean validation split: a count >= 1, a fraction in (0, 1) of the
+                         training set, or 0 for none
+    seed:                fixes the trusted/val draws and the noise
+    use_clean_in_train:  append the trusted examples (clean labels) to the training split
+    download:            fetch missing official files with torchvision (when installed)
+    verify_checksums:    check files with known official checksums (a mismatch is an error)
+    """
+    spec = NoiseSpec.parse(noise)
+    check_noise_for_dataset(spec, dataset)
+    raw = load_dataset(dataset, data_dir, download=download, verify_checksums=verify_checksums)
+    return task_from_dataset(
+        raw, spec, clean_size=clean_size, clean_frac=clean_frac, val_size=val_size, seed=seed, use_clean_in_train=use_clean_in_train
+    )
+
+
+def task_from_dataset(
+    raw: RawDataset,
+    noise: Union[str, NoiseSpec],
+    *,
+    clean_size: Optional[int] = None,
+    clean_frac: Optional[float] = None,
+    val_size: Union[int, float] = 0,
+    seed: int = 0,
+    use_clean_in_train: bool = False,
+) -> Task:
+    """`build_task` on an already loaded `RawDataset` (same arguments)."""
+    spec = NoiseSpec.parse(noise)
+    check_noise_for_dataset(spec, raw.name)
+    C, pool = raw.num_classes, raw.train
+    everywhere = np.ones(len(pool), dtype=bool)
+    noisy_candidates = everywhere if raw.noisy_candidates is None else raw.noisy_candidates
+    base = int(noisy_candidates.sum())  # "the training set" for clean_frac and val_size fractions
+
+    original = pool.labels.copy()
+    if raw.user_labels is not None and not spec.is_real:
+        # custom data under a synthetic (or no) noise model: its labels are the original ones
+        conflicting = int(((original >= 0) & (original != raw.user_labels)).sum())
+        if conflicting:
+            raise DataError(
+                f"custom data: y differs from y_true at {conflicting} examples, so its labels are already noisy; "
+                "use noise 'real' (or drop y_true)"
+            )
+        original = raw.user_labels.copy()
+    known = original >= 0
+
+    # 1. trusted set
+    requested = _trusted_request(clean_size, clean_frac, base)
+    per_class = None
+    if raw.fixed_trusted is not None:
+        if requested is not None:
+            raise ValueError("this custom dataset marks its trusted examples; leave clean_size and clean_frac unset")
+        trusted = raw.fixed_trusted
+    elif requested is not None:
+        per_class = per_class_trusted_count(requested, C)
+        candidates = known & (everywhere if raw.trusted_candidates is None else raw.trusted_candidates)
+        if not candidates.any():
+            raise DataError(f"{raw.name}: no example has a known clean label to draw a trusted set from (give y_true or mark trusted rows)")
+        trusted = draw_trusted(class_orders(original, C, seeded_generator(seed, "split"), candidates), per_class)
+    else:
+        trusted = np.zeros(0, dtype=np.int64)
+
+    # 2. clean validation split
+    n_val = _val_count(val_size, base)
+    val = val_counts = None
+    if n_val:
+        candidates = known & (everywhere if raw.val_candidates is None else raw.val_candidates)
+        val, val_counts = draw_val(class_orders(original, C, seeded_generator(seed, "split"), candidates), n_val, taken=trusted)
+
+    # 3. noisy training set
+    in_noisy = noisy_candidates.copy()
+    in_noisy[trusted] = False
+    if val is not None:
+        in_noisy[val] = False
+    noisy_idx = np.flatnonzero(in_noisy)
+    true_noisy = original[noisy_idx]
+    T = None
+    expected = None
+    if spec.is_real:
+        observed = raw.label_sets[spec.kind][noisy_idx]
+        T = empirical_transition(true_noisy, observed, C)
+    else:
+        unknown = int((true_noisy < 0).sum())
+        if unknown:
+            raise DataError(f"{raw.name}: {unknown} training examples have no original label, so noise {spec} cannot be applied")
+        T = spec.transition_matrix(C, dataset=raw.name, coarse_of_class=raw.coarse_of_class, seed=seed)
+        if spec.kind == "clean":
+            observed = true_noisy.copy()
+        else:
+            observed = sample_noisy_labels(np.where(known, original, 0), T, seeded_generator(seed, "noise"))[noisy_idx]
+        expected = expected_noise_rate(T, true_noisy)
+    has_truth = true_noisy >= 0
+    realized = float((observed[has_truth] != true_noisy[has_truth]).mean()) if has_truth.any() else math.nan
+
+    if use_clean_in_train and not len(trusted):
+        raise ValueError("use_clean_in_train needs a trusted set (clean_size or clean_frac)")
+    train_idx = np.concatenate([noisy_idx, trusted]) if use_clean_in_train else noisy_idx
+    train_labels = np.concatenate([observed, original[trusted]]) if use_clean_in_train else observed
+    task_splits = {
+        "train": _make_split(raw, train_idx, train_labels, original[train_idx]),
+        "clean": _make_split(raw, trusted, original[trusted], original[trusted]) if len(trusted) else None,
+        "val": _make_split(raw, val, original[val], original[val]) if val is not None else None,
+        "test": Split(
+            labels=torch.from_numpy(raw.test.labels),
+            true_labels=torch.from_numpy(raw.test.labels),
+            source_index=torch.from_numpy(raw.test.source_index),
+            images=raw.test.images,
+            source=raw.test.source,
+        ),
+    }
+    train_truth = original[train_idx]
+    train_errors = float((train_labels[train_truth >= 0] != train_truth[train_truth >= 0]).mean()) if (train_truth >= 0).any() else None
+    info = {
+        "dataset": raw.name,
+        "num_classes": C,
+        "input_shape": list(raw.input_shape),
+        "seed": int(seed),
+        "noise": str(spec),
+        "noise_description": spec.describe(C, raw.name),
+        "noise_rate_nominal": spec.rate,
+        "noise_rate_expected": expected,
+        "noise_rate_realized": None if math.isnan(realized) else realized,
+        "noise_rate_realized_over": int(has_truth.sum()),
+        "train_label_error_rate": train_errors,
+        "sizes": {
+            "pool": len(pool),
+            "train": len(train_idx),
+            "train_noisy": len(noisy_idx),
+            "clean": len(trusted),
+            "val": 0 if val is None else len(val),
+            "test": len(raw.test),
+        },
+        "clean_size_requested": clean_size,
+        "clean_frac_requested": clean_frac,
+        "clean_per_class_requested": per_class,
+        "clean_rule": (
+            "marked in the custom data file" if raw.fixed_trusted is not None
+            else None if per_class is None
+            else f"class-balanced from the original labels: {per_class} per class x {C} classes = {len(trusted)} "
+            f"(requested {requested:g}, rounded to whole per-class counts)"
+        ),
+        "clean_per_class": _per_class(original[trusted], C),
+        "val_size_requested": val_size,
+        "val_per_class": None if val_counts is None else val_counts.tolist(),
+        "use_clean_in_train": bool(use_clean_in_train),
+        "train_per_class_noisy_labels": _per_class(observed, C),
+        "test_per_class": _per_class(raw.test.labels, C),
+        "normalization": {"mean": list(raw.mean), "std": list(raw.std)},
+        "augmentation": str(raw.augmentation) if raw.augmentation else "none",
+        "data_files": [f.as_dict() for f in raw.files],
+        "checksums_verified": all(f.checksum == formats.VERIFIED for f in raw.files) if raw.files else None,
+        **raw.notes,
+    }  # fmt: skip
+    return Task(
+        dataset=raw.name,
+        num_classes=C,
+        input_shape=tuple(raw.input_shape),
+        noise=spec,
+        noise_rate_nominal=spec.rate,
+        noise_rate_realized=realized,
+        transition_matrix=T,
+        class_names=list(raw.class_names),
+        info=info,
+        mean=tuple(raw.mean),
+        std=tuple(raw.std),
+        augmentation=raw.augmentation,
+        **task_splits,
+    )
+
+
+# ---- saving the labels of a run --------------------------------------------------------------------
+LABELS_DIR = "labels"
+LABEL_FILES = {
+    "{split}_labels.npy": "int64 [N]: the labels the run used (noisy for train)",
+    "{split}_true_labels.npy": "int64 [N]: the original labels (-1 where unknown)",
+    "{split}_source_index.npy": "int64 [N]: index of each example in the dataset's original split/file",
+    "{split}_keys.txt": "streamed splits (Clothing1M): the image key of each example, one per line",
+    "transition_matrix.npy": "float64 [C, C]: nominal T (synthetic noise) or empirical T (real labels)",
+    "manifest.json": "what each file holds, and task.info (dataset, noise, seed, sizes, data files, checksums)",
+}
+
+
+def save_task_labels(task: Task, run_dir: Union[str, Path]) -> Dict[str, Path]:
+    """Write the labels and split indices of `task` under run_dir/labels/ (see `LABEL_FILES`);
+    returns {file name: path}. With `use_clean_in_train` the last len(clean) rows of the train
+    files are the trusted examples."""
+    out = Path(run_dir) / LABELS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written: Dict[str, Path] = {}
+
+    def save(name: str, array: np.ndarray) -> None:
+        written[name] = out / name
+        np.save(written[name], array)
+
+    for name in SPLIT_NAMES:
+        split = getattr(task, name)
+        if split is None:
+            continue
+        save(f"{name}_labels.npy", split.labels.numpy())
+        save(f"{name}_true_labels.npy", split.true_labels.numpy())
+        save(f"{name}_source_index.npy", split.source_index.numpy())
+        if split.source is not None and hasattr(split.source, "keys"):
+            written[f"{name}_keys.txt"] = out / f"{name}_keys.txt"
+            written[f"{name}_keys.txt"].write_text("\n".join(split.source.keys) + "\n", encoding="utf-8")
+    if task.transition_matrix is not None:
+        save("transition_matrix.npy", task.transition_matrix.numpy())
+    manifest = {"files": {name: _describe_file(name) for name in sorted(written)}, "task_info": task.info}
+    written["manifest.json"] = out / "manifest.json"
+    written["manifest.json"].write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
+    return written
+
+
+def _describe_file(name: str) -> str:
+    for pattern, meaning in LABEL_FILES.items():
+        split, _, rest = name.partition("_")
+        if pattern == name or (split in SPLIT_NAMES and pattern == "{split}_" + rest):
+            return meaning
+    raise KeyError(name)
+
+
+def load_task_labels(run_dir: Union[str, Path]) -> Dict[str, np.ndarray]:
+    """The arrays `save_task_labels` wrote, by file stem (e.g. "train_labels")."""
+    folder = Path(run_dir) / LABELS_DIR
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no saved labels (save_task_labels writes them)")
+    return {path.stem: np.load(path, allow_pickle=False) for path in sorted(folder.glob("*.npy"))}
