@@ -49,6 +49,7 @@ CIFAR_AUGMENTATION = Augmentation(pad=4, crop=32, flip=True)
 CLOTHING1M_AUGMENTATION = Augmentation(pad=0, crop=224, flip=True)
 CLOTHING1M_STORED_SIZE = 256
 
+MNIST10K_SOURCE_SIZE = 10000
 MNIST10K_TEST_SIZE = 2000
 DIGITS_TEST_SIZE = 360
 FIXED_SPLIT_SEED = 0  # mnist10k and digits: the same train/test split for every run seed
@@ -223,6 +224,8 @@ def _load_idx_dataset(name: str, data_dir: Path, verify: bool) -> RawDataset:
     notes: Dict[str, object] = {}
     test_x, test_y = _read_idx_pair(family, name, data_dir, "t10k", verify, files)
     if name == "mnist10k":
+        if len(test_y) != MNIST10K_SOURCE_SIZE:
+            raise DataError(f"{name}: needs the official MNIST test files of {MNIST10K_SOURCE_SIZE:,} images; the t10k files hold {len(test_y):,}")
         rest, held = stratified_holdout(test_y, 10, MNIST10K_TEST_SIZE, seeded_generator(FIXED_SPLIT_SEED, "mnist10k"))
         train, test = _pool(test_x[rest], test_y[rest], rest), _pool(test_x[held], test_y[held], held)
         notes["split_rule"] = (
@@ -660,6 +663,7 @@ def load_dataset(name: str, data_dir=None, *, download: bool = False, verify_che
         return LOADERS[name](name, root, verify_checksums)
     except MissingDataError as missing:
         if not download:
-            raise MissingDataError(f"{missing}; {LAYOUT_HINTS[name]} (or pass download=True with torchvision installed)") from None
+            offer = " (or pass download=True with torchvision installed)" if name in TORCHVISION_DATASETS else ""
+            raise MissingDataError(f"{missing}; {LAYOUT_HINTS[name]}{offer}") from None
     fetch_with_torchvision(name, root)
     return LOADERS[name](name, root, verify_checksums)

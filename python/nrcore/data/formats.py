@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import re
 import zlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -224,9 +225,9 @@ def read_cifar_n(path: Path, required_keys: Tuple[str, ...]) -> Tuple[Dict[str, 
             obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as exc:
         message = str(exc)
-        marker = "Unsupported global: GLOBAL "
-        if marker in message:
-            name = message.split(marker, 1)[1].split()[0]
+        forbidden = re.search(r"GLOBAL ([\w.]+)", message)  # torch names the refused global this way
+        if forbidden:
+            name = forbidden.group(1)
             raise DataError(
                 f"{path}: the file imports {name}, which no CIFAR-N label file holds; refusing to load it "
                 "(use the released CIFAR-N file)"

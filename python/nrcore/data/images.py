@@ -29,7 +29,7 @@ def decode_image(path: Path, mode: str, size: Optional[int] = None) -> np.ndarra
             img = img.convert(mode)
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy, for torch
     except OSError as exc:
         raise DataError(f"{path}: cannot decode image ({exc})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -317,8 +317,8 @@ def save_task_labels(task: Task, run_dir: Union[str, Path]) -> Dict[str, Path]:
             written[f"{name}_keys.txt"].write_text("\n".join(split.source.keys) + "\n", encoding="utf-8")
     if task.transition_matrix is not None:
         save("transition_matrix.npy", task.transition_matrix.numpy())
-    manifest = {"files": {name: _describe_file(name) for name in sorted(written)}, "task_info": task.info}
     written["manifest.json"] = out / "manifest.json"
+    manifest = {"files": {name: _describe_file(name) for name in sorted(written)}, "task_info": task.info}
     written["manifest.json"].write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
     return written
 
