@@ -1,0 +1,109 @@
+"""`nrcore` command line: option layering, one-line errors, listings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nrcore.cli import main
+from nrcore.train import resolve_config
+from nrcore.train.config import DATASET_DEFAULTS
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["train", "--method", "nope"], "unknown method 'nope'"),
+        (["train", "--noise", "sym"], "sym"),
+        (["train", "--dataset", "imagenet"], "unknown --dataset"),
+        (["train", "--epochs", "abc"], "--epochs"),
+        (["train", "--clean-size", "10", "--clean-frac", "0.1"], "at most one of --clean-size and --clean-frac"),
+        (["train", "--dataset", "mnist", "--data-dir", "{tmp}"], "mnist"),
+        (["train", "--preset", "no-such-preset"], "unknown --preset"),
+        (["train", "--config", "{tmp}/missing.json"], "--config"),
+        (["train", "--resume", "{tmp}/nothing-here"], "--resume"),
+    ],
+)
+def test_bad_options_print_one_line_and_exit_nonzero(argv, fragment, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "run"), "--quiet"]
+    code, out, err = _run(argv, capsys)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and fragment in lines[0], err
+
+
+def test_method_option_for_another_method_is_rejected(capsys, tmp_path):
+    from nrcore.methods import registry
+
+    foreign = next(((n, o) for n, cls in registry().items() if n != "ce" for o in cls.options if o.type is not bool), None)
+    if foreign is None:
+        pytest.skip("no method with options registered yet")
+    _, opt = foreign
+    code, _, err = _run(["train", "--method", "ce", opt.flag, str(opt.default), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "does not apply to method 'ce'" in err
+
+
+def test_config_layers_dataset_preset_file_cli(tmp_path):
+    base = resolve_config(cli={"dataset": "mnist10k"}, cli_method_options={})
+    for key, value in DATASET_DEFAULTS["mnist10k"].items():
+        assert getattr(base, key) == value
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"dataset": "mnist10k", "epochs": 7, "lr": 0.01}))
+    from_file = resolve_config(cli={}, cli_method_options={}, config_file=str(path))
+    assert (from_file.dataset, from_file.epochs, from_file.lr) == ("mnist10k", 7, 0.01)
+    cli_wins = resolve_config(cli={"epochs": 3}, cli_method_options={}, config_file=str(path))
+    assert (cli_wins.epochs, cli_wins.lr) == (3, 0.01)
+
+
+def test_presets_set_their_method_and_dataset_and_yield_to_flags():
+    from nrcore.train.presets import all_presets
+
+    presets = all_presets()
+    if not presets:
+        pytest.skip("no presets registered yet")
+    name, values = next(iter(presets.items()))
+    cfg = resolve_config(cli={}, cli_method_options={}, preset=name)
+    assert cfg.method == values["method"]
+    if "dataset" in values:
+        assert cfg.dataset == values["dataset"]
+    cfg = resolve_config(cli={"epochs": 1}, cli_method_options={}, preset=name)
+    assert cfg.epochs == 1
+
+
+def test_methods_lists_every_registered_method_with_its_paper(capsys):
+    from nrcore.methods import registry
+
+    code, out, _ = _run(["methods"], capsys)
+    assert code == 0
+    for name, cls in registry().items():
+        line = next(line for line in out.splitlines() if line.split()[0] == name)
+        assert cls.paper in line
+
+
+def test_train_help_lists_every_method_option(capsys):
+    from nrcore.methods import registry
+
+    code, out, _ = _run(["train", "--help"], capsys)
+    assert code == 0
+    for cls in registry().values():
+        for opt in cls.options:
+            assert opt.flag in out
+
+
+def test_cli_train_end_to_end_quiet(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = _run(
+        ["train", "--method", "ce", "--noise", "sym50", "--epochs", "1", "--threads", "1", "--out", str(run_dir), "--quiet"], capsys
+    )
+    assert code == 0 and err == ""
+    assert out.startswith("finished: ce on digits/sym50") and str(run_dir) in out
+    assert (run_dir / "summary.json").is_file()
