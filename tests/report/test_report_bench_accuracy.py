@@ -1,0 +1,89 @@
+"""bench/accuracy.py: the grid skips finished runs, resumes interrupted ones and refuses run
+directories made with other settings. Tiny real trainings on digits (1-2 epochs of ce)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(out, *extra):
+    return ["--dataset", "digits", "--methods", "ce", "--noise", "sym50", "--seeds", "0", "--threads", "1", "--quiet", "--out", str(out), *extra]
+
+
+def test_grid_trains_then_skips_finished_runs(accuracy, tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert accuracy.main(tiny(out, "--epochs", "1")) == 0
+    summary_path = out / "digits" / "sym50" / "ce" / "seed0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 1
+    printed = capsys.readouterr().out
+    assert "| digits" in printed and "| ce " in printed  # the nrcore table of the grid
+
+    stamp = summary_path.stat().st_mtime_ns
+    assert accuracy.main(tiny(out, "--epochs", "1")) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert summary_path.stat().st_mtime_ns == stamp  # not trained again
+
+
+def test_grid_resumes_an_interrupted_run(accuracy, tmp_path, capsys):
+    from nrcore.train import train
+
+    out = tmp_path / "grid"
+    args = accuracy.parse_args(tiny(out, "--epochs", "2"))
+    (run,), _ = accuracy.build_grid(args)
+    train(run.cfg, run.run_dir, stop_after_epoch=1)  # as if the grid was killed after epoch 1
+    first_epoch = (run.run_dir / "metrics.jsonl").read_text().splitlines()[0]
+
+    assert accuracy.main(tiny(out, "--epochs", "2", "--dry-run")) == 0
+    assert "1 resume" in capsys.readouterr().out
+    assert accuracy.main(tiny(out, "--epochs", "2")) == 0
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 2
+    assert (run.run_dir / "metrics.jsonl").read_text().splitlines()[0] == first_epoch
+
+
+def test_grid_refuses_a_run_dir_with_other_settings(accuracy, tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert accuracy.main(tiny(out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert accuracy.main(tiny(out, "--epochs", "1", "--model", "mlp")) == 2
+    assert "stale" in capsys.readouterr().out
+
+
+def test_grid_spec_parsing(accuracy, capsys):
+    from nrcore.methods import registry
+
+    reg = registry()
+    variant = accuracy.parse_variant("bootstrap:bootstrap_mode=hard", reg)
+    assert variant.slug == "bootstrap_bootstrap-mode-hard"
+    with pytest.raises(SystemExit, match="bootstrap_mode"):
+        accuracy.parse_variant("bootstrap:bootstrap_mode=sideways", reg)
+    with pytest.raises(SystemExit, match="expected option=value"):
+        accuracy.parse_variant("ce:nope=1", reg)
+
+    # the default grid is the protocol: every issue-4..6 method at sym80 and unif40, baselines at pair40
+    args = accuracy.parse_args(["--dry-run", "--dataset", "mnist10k", "--data-dir", "/nonexistent"])
+    runs, warnings = accuracy.build_grid(args)
+    cells = {(r.variant.method, r.noise) for r in runs}
+    for method in set(reg) & {"ce", "mlc", "mlc-d", "ebomlc", "meta", "fbr", "fbr-ntk", "l2rw", "mwnet", "glc", "coteaching"}:
+        assert {(method, "sym80"), (method, "unif40")} <= cells
+    assert ("ce", "pair40") in cells and {r.seed for r in runs} == {0, 1, 2}
+    assert all(r.cfg.epochs == 30 and r.cfg.model == "cnn" and r.cfg.clean_frac == 0.02 for r in runs)
+    missing = {"ce", "mlc", "mlc-d", "ebomlc", "meta", "fbr", "fbr-ntk", "l2rw", "mwnet"} - set(reg)
+    assert bool(missing) == any("not registered" in w for w in warnings)
