@@ -1,0 +1,108 @@
+"""Argument checks shared by the public ops. They look only at types, shapes, dtypes and devices
+(never at values), so they cost no host-device sync and trace cleanly under torch.compile.
+Every message starts with the op and names the offending argument."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from nrcore.ops._backend import CPU_DTYPES, CUDA_DTYPES
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def tensor(op: str, name: str, t, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def floating(op: str, name: str, t, ndim: Optional[int] = None) -> torch.Tensor:
+    """A float tensor of a dtype the kernels support on its device."""
+    t = tensor(op, name, t, ndim)
+    allowed = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype {names} on {t.device.type}, got {t.dtype}")
+    return t
+
+
+def index(op: str, name: str, t, length: Optional[int] = None) -> torch.Tensor:
+    """A 1-D integer tensor, returned as int64."""
+    t = tensor(op, name, t, 1)
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have length {length}, got {t.shape[0]}")
+    return t if t.dtype == torch.int64 else t.long()
+
+
+def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: all tensors must be on one device; {first_name} is on {first.device} but {name} is on {t.device}")
+    return first.device
+
+
+def number(op: str, name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    return value
+
+
+def tensor_list(op: str, name: str, value, length: Optional[int] = None) -> List[torch.Tensor]:
+    """A non-empty list/tuple of float tensors of supported dtypes."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{op}: {name} is empty")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{op}: {name} has {len(value)} tensors but {length} were expected (lists must be parallel)")
+    return [floating(op, f"{name}[{i}]", t) for i, t in enumerate(value)]
+
+
+def list_device(op: str, lists: Sequence[tuple]) -> torch.device:
+    """The one device of every tensor in (name, list) pairs."""
+    device = None
+    first = None
+    for name, tensors in lists:
+        for i, t in enumerate(tensors):
+            if device is None:
+                device, first = t.device, f"{name}[{i}]"
+            elif t.device != device:
+                raise ValueError(f"{op}: all tensors must be on one device; {first} is on {device} but {name}[{i}] is on {t.device}")
+    return device
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping, dense storage with positive strides: the elements are exactly the
+    block [data_ptr, data_ptr + numel) in some order (contiguous, channels_last, permuted...)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
