@@ -19,8 +19,8 @@ import torch
 
 from nrcore.data import formats
 from nrcore.data.errors import DataError
-from nrcore.data.noise import REAL_LABEL_SPECS
 from nrcore.data.images import ImageFiles, decode_image, image_mode
+from nrcore.data.noise import REAL_LABEL_SPECS
 from nrcore.data.splits import seeded_generator, stratified_holdout
 from nrcore.data.types import Augmentation
 
@@ -133,8 +133,9 @@ class MissingDataError(DataError):
 
 
 # ---- locating files ---------------------------------------------------------------------------
-def resolve_data_dir(data_dir, dataset: str) -> Path:
-    """`data_dir`, else $NRCORE_DATA; an error that says where to put which files otherwise."""
+def resolve_data_dir(data_dir, dataset: str, create: bool = False) -> Path:
+    """`data_dir`, else $NRCORE_DATA (made when `create`); an error that says where to put
+    which files otherwise."""
     if data_dir is None:
         data_dir = os.environ.get("NRCORE_DATA") or None
     if data_dir is None:
@@ -142,6 +143,8 @@ def resolve_data_dir(data_dir, dataset: str) -> Path:
             f"{dataset}: no data folder given: pass --data-dir DIR (or set NRCORE_DATA); {LAYOUT_HINTS[dataset]}"
         )
     path = Path(data_dir).expanduser()
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         raise MissingDataError(f"{dataset}: data folder {path} does not exist; {LAYOUT_HINTS[dataset]}")
     return path
@@ -164,9 +167,12 @@ def find_layout(data_dir: Path, dataset: str, folders: Sequence[str], names: Seq
             found.append(hit)
         else:
             return found
+    raise MissingDataError(f"{dataset}: {describe_layout(data_dir, folders, names)}")
+
+
+def describe_layout(data_dir: Path, folders: Sequence[str], names: Sequence[Tuple[str, ...]]) -> str:
     wanted = ", ".join("|".join(alts) for alts in names)
-    tried = ", ".join(str(data_dir / f) for f in folders)
-    raise MissingDataError(f"{dataset}: need {wanted} in one of: {tried}")
+    return f"need {wanted} in one of: {', '.join(str(data_dir / f) for f in folders)}"
 
 
 LAYOUT_HINTS = {
@@ -311,13 +317,17 @@ def _load_cifar10(name: str, data_dir: Path, verify: bool) -> RawDataset:
     files: List[FileRecord] = []
     notes: Dict[str, object] = {}
     class_names = CIFAR10_CLASSES
+    pickle_names = [(b,) for b in CIFAR10_BATCHES + ("test_batch",)]
     try:
-        paths = find_layout(data_dir, name, CIFAR10_PICKLE_FOLDERS, [(b,) for b in CIFAR10_BATCHES + ("test_batch",)])
-    except MissingDataError as pickle_missing:
+        paths = find_layout(data_dir, name, CIFAR10_PICKLE_FOLDERS, pickle_names)
+    except MissingDataError:
         try:
             (npz_path,) = find_layout(data_dir, name, CIFAR10_NPZ_FOLDERS, [("cifar10.npz",)])
-        except MissingDataError as npz_missing:
-            raise MissingDataError(f"{pickle_missing}; or {str(npz_missing).split(': ', 1)[1]}") from None
+        except MissingDataError:
+            raise MissingDataError(
+                f"{name}: {describe_layout(data_dir, CIFAR10_PICKLE_FOLDERS, pickle_names)}; "
+                f"or {describe_layout(data_dir, CIFAR10_NPZ_FOLDERS, [('cifar10.npz',)])}"
+            ) from None
         train_x, train_y, test_x, test_y = _cifar10_from_npz(npz_path, files)
         meta_path = npz_path.parent / "batches.meta"
         notes["format"] = "cifar10.npz (x_train/y_train/x_test/y_test in official order)"
@@ -367,13 +377,13 @@ CIFAR_N = {
     "cifar10n": ("cifar10", "CIFAR-10_human.pt", "clean_label"),
     "cifar100n": ("cifar100", "CIFAR-100_human.pt", "clean_label"),
 }
-CIFAR_N_FOLDERS = ("cifar-n", "cifar-N", "CIFAR-N", "cifarn", "cifar10n", "cifar100n", ".")
+CIFAR_N_FOLDERS = ("cifar-n", "cifar-N", "CIFAR-N", "cifarn")  # then DIR/<dataset name>/ and DIR/
 
 
 def _load_cifar_n(name: str, data_dir: Path, verify: bool) -> RawDataset:
     image_dataset, file_name, clean_key = CIFAR_N[name]
     spec_keys = {spec: key for spec, (datasets, key) in REAL_LABEL_SPECS.items() if name in datasets}
-    (label_path,) = find_layout(data_dir, name, CIFAR_N_FOLDERS, [(file_name,)])
+    (label_path,) = find_layout(data_dir, name, CIFAR_N_FOLDERS + (name, "."), [(file_name,)])
     raw = LOADERS[image_dataset](name, data_dir, verify)
     arrays, md5 = formats.read_cifar_n(label_path, (clean_key,) + tuple(spec_keys.values()))
     raw.files.append(FileRecord(str(label_path.resolve()), md5, formats.NO_OFFICIAL_CHECKSUM))
@@ -457,8 +467,13 @@ def _load_clothing1m(name: str, data_dir: Path, verify: bool) -> RawDataset:
     given = np.array([noisy_kv.get(k, -1) for k in pool_keys], dtype=np.int64)
     original = np.array([clean_kv.get(k, -1) for k in pool_keys], dtype=np.int64)
     test_keys = lists["clean_test"]
+    # a test image must never be trained on, whatever list it also sits in
+    in_test = mask([k for k in test_keys if k in position])
+    noisy_candidates = mask(lists["noisy_train"]) & ~in_test
     names_path = annotations / "category_names_eng.txt"
     class_names = _read_lines(names_path) if names_path.is_file() else CLOTHING1M_CLASSES
+    if len(class_names) != C:
+        raise DataError(f"{names_path}: {len(class_names)} class names, Clothing1M has {C}")
     mean, std = NORMALIZATION["clothing1m"]
     size = CLOTHING1M_STORED_SIZE
     files = [FileRecord(str((annotations / n).resolve()), formats.md5_hex(formats.read_bytes(annotations / n)), formats.NO_OFFICIAL_CHECKSUM) for n in CLOTHING1M_LISTS]
@@ -467,8 +482,10 @@ def _load_clothing1m(name: str, data_dir: Path, verify: bool) -> RawDataset:
         Pool(original, np.arange(len(pool_keys), dtype=np.int64), source=ImageFiles(root, pool_keys, size)),
         Pool(np.array([clean_kv[k] for k in test_keys], dtype=np.int64), np.arange(len(test_keys), dtype=np.int64), source=ImageFiles(root, test_keys, size)),
         files, label_sets={"real": given},
-        trusted_candidates=mask(lists["clean_train"]), val_candidates=mask(lists["clean_val"]), noisy_candidates=mask(lists["noisy_train"]),
+        trusted_candidates=mask(lists["clean_train"]) & ~in_test, val_candidates=mask(lists["clean_val"]) & ~in_test,
+        noisy_candidates=noisy_candidates,
         notes={
+            "test_keys_removed_from_training": int(in_test.sum()),
             "format": "Clothing1M release: noisy train = noisy_train_key_list (noisy labels), trusted candidates = clean_train_key_list, "
             "val candidates = clean_val_key_list, test = clean_test_key_list (clean labels); images decoded lazily, resized to 256x256",
             "source_index": "position in noisy_train_key_list, then clean_train and clean_val keys not in it, in list order",
@@ -559,15 +576,21 @@ def _read_custom_csv(path: Path) -> Tuple[np.ndarray, np.ndarray, Optional[np.nd
     if not rows or not {"path", "label"} <= columns:
         raise DataError(f"{path}: need a header with columns path,label[,trusted][,true_label] and at least one row")
 
-    def integer(row_number, column, text):
+    def cell(row_number, column, text):
         text = (text or "").strip()
         if column == "trusted":
             if text.lower() not in ("0", "1", "true", "false", ""):
                 raise DataError(f"{path}:{row_number}: trusted must be 0/1/true/false, got {text!r}")
             return text.lower() in ("1", "true")
-        if not text.lstrip("-").isdigit() or int(text) < (-1 if column == "true_label" else 0):
-            raise DataError(f"{path}:{row_number}: {column} must be a non-negative integer, got {text!r}")
+        lowest = -1 if column == "true_label" else 0  # -1: true label unknown
+        if not text.lstrip("-").isdigit() or int(text) < lowest:
+            raise DataError(f"{path}:{row_number}: {column} must be an integer >= {lowest}, got {text!r}")
         return int(text)
+
+    def column_values(column, dtype):
+        if column not in columns:
+            return None
+        return np.array([cell(i + 2, column, row[column]) for i, row in enumerate(rows)], dtype=dtype)  # row 1 is the header
 
     image_paths = [path.parent / row["path"] for row in rows]
     mode = image_mode(image_paths[0])  # every image is converted to the first one's mode
@@ -578,10 +601,7 @@ def _read_custom_csv(path: Path) -> Tuple[np.ndarray, np.ndarray, Optional[np.nd
         if decoded.shape != first.shape:
             raise DataError(f"{image_path}: image is {decoded.shape[1:]} but {image_paths[0].name} is {first.shape[1:]}; resize them to one size")
         images[i] = decoded
-    labels = np.array([integer(i + 2, "label", r["label"]) for i, r in enumerate(rows)], dtype=np.int64)
-    true = np.array([integer(i + 2, "true_label", r["true_label"]) for i, r in enumerate(rows)], dtype=np.int64) if "true_label" in columns else None
-    trusted = np.array([integer(i + 2, "trusted", r["trusted"]) for i, r in enumerate(rows)], dtype=bool) if "trusted" in columns else None
-    return images, labels, true, trusted
+    return images, column_values("label", np.int64), column_values("true_label", np.int64), column_values("trusted", bool)
 
 
 def _load_custom_csv(name: str, train_path: Path, test_path: Path) -> RawDataset:
@@ -627,7 +647,6 @@ def fetch_with_torchvision(name: str, data_dir: Path) -> None:
             f"{name}: download=True needs an importable torchvision (pip install 'nrcore[vision]'; import failed: {type(exc).__name__}: {exc}); "
             f"or {LAYOUT_HINTS[name]}"
         ) from None
-    data_dir.mkdir(parents=True, exist_ok=True)
     cls = getattr(tv_datasets, TORCHVISION_DATASETS[name])
     for train in (True, False):
         cls(root=str(data_dir), train=train, download=True)
@@ -654,11 +673,7 @@ def load_dataset(name: str, data_dir=None, *, download: bool = False, verify_che
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if name == "digits":
         return _load_digits(name, None, verify_checksums)
-    if download and data_dir is None and not os.environ.get("NRCORE_DATA"):
-        raise MissingDataError(f"{name}: download=True needs a target folder: pass --data-dir DIR (or set NRCORE_DATA)")
-    if download and data_dir is not None:
-        Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    root = resolve_data_dir(data_dir, name)
+    root = resolve_data_dir(data_dir, name, create=download)
     try:
         return LOADERS[name](name, root, verify_checksums)
     except MissingDataError as missing:

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from nrcore.data.splits import seeded_generator
+
 SYNTHETIC_KINDS = ("sym", "unif", "asym", "pair", "flip")
 
 # Real-label specs: name -> (datasets that carry these labels, key in the released label file).
@@ -166,8 +168,6 @@ class NoiseSpec:
 
 def flip_targets(num_classes: int, seed: int) -> list:
     """`flip`: for each class one other class, drawn uniformly with a generator seeded by the run seed."""
-    from nrcore.data.splits import seeded_generator
-
     g = seeded_generator(seed, "flip-targets")
     draws = torch.randint(0, num_classes - 1, (num_classes,), generator=g).tolist()
     return [d + 1 if d >= c else d for c, d in enumerate(draws)]

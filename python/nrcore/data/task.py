@@ -127,6 +127,64 @@ def build_task(
     )
 
 
+def _original_labels(raw: RawDataset, spec: NoiseSpec) -> np.ndarray:
+    """The original (clean) label of every pool example, -1 where unknown."""
+    if raw.user_labels is None or spec.is_real:
+        return raw.train.labels.copy()
+    # custom data under a synthetic (or no) noise model: its labels are the original ones
+    known = raw.train.labels >= 0
+    conflicting = int((known & (raw.train.labels != raw.user_labels)).sum())
+    if conflicting:
+        raise DataError(
+            f"custom data: y differs from y_true at {conflicting} examples, so its labels are already noisy; "
+            "use noise 'real' (or drop y_true)"
+        )
+    return raw.user_labels.copy()
+
+
+def _candidates(mask: Optional[np.ndarray], known: np.ndarray) -> np.ndarray:
+    return known if mask is None else known & mask
+
+
+def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[float], seed: int):
+    """(trusted indices, per-class count or None)."""
+    if raw.fixed_trusted is not None:
+        if requested is not None:
+            raise ValueError("this custom dataset marks its trusted examples; leave clean_size and clean_frac unset")
+        return raw.fixed_trusted, None
+    if requested is None:
+        return np.zeros(0, dtype=np.int64), None
+    per_class = per_class_trusted_count(requested, raw.num_classes)
+    candidates = _candidates(raw.trusted_candidates, original >= 0)
+    if not candidates.any():
+        raise DataError(f"{raw.name}: no example has a known clean label to draw a trusted set from (give y_true or mark trusted rows)")
+    orders = class_orders(original, raw.num_classes, seeded_generator(seed, "split"), candidates)
+    return draw_trusted(orders, per_class), per_class
+
+
+def _noisy_labels(raw: RawDataset, spec: NoiseSpec, original: np.ndarray, noisy_idx: np.ndarray, seed: int):
+    """(labels of the noisy set, transition matrix, expected noise rate or None)."""
+    if spec.is_real:
+        observed = raw.label_sets[spec.kind][noisy_idx]
+        return observed, empirical_transition(original[noisy_idx], observed, raw.num_classes), None
+    true = original[noisy_idx]
+    unknown = int((true < 0).sum())
+    if unknown:
+        raise DataError(f"{raw.name}: {unknown} training examples have no original label, so noise {spec} cannot be applied")
+    T = spec.transition_matrix(raw.num_classes, dataset=raw.name, coarse_of_class=raw.coarse_of_class, seed=seed)
+    if spec.kind == "clean":
+        observed = true.copy()
+    else:  # drawn for the whole pool, so an example's label does not depend on the split sizes
+        observed = sample_noisy_labels(np.maximum(original, 0), T, seeded_generator(seed, "noise"))[noisy_idx]
+    return observed, T, expected_noise_rate(T, true)
+
+
+def _error_rate(labels: np.ndarray, truth: np.ndarray) -> Optional[float]:
+    """Fraction of labels differing from the truth, over examples whose truth is known."""
+    known = truth >= 0
+    return float((labels[known] != truth[known]).mean()) if known.any() else None
+
+
 def task_from_dataset(
     raw: RawDataset,
     noise: Union[str, NoiseSpec],
@@ -140,73 +198,31 @@ def task_from_dataset(
     """`build_task` on an already loaded `RawDataset` (same arguments)."""
     spec = NoiseSpec.parse(noise)
     check_noise_for_dataset(spec, raw.name)
-    C, pool = raw.num_classes, raw.train
-    everywhere = np.ones(len(pool), dtype=bool)
-    noisy_candidates = everywhere if raw.noisy_candidates is None else raw.noisy_candidates
+    C = raw.num_classes
+    noisy_candidates = np.ones(len(raw.train), dtype=bool) if raw.noisy_candidates is None else raw.noisy_candidates
     base = int(noisy_candidates.sum())  # "the training set" for clean_frac and val_size fractions
-
-    original = pool.labels.copy()
-    if raw.user_labels is not None and not spec.is_real:
-        # custom data under a synthetic (or no) noise model: its labels are the original ones
-        conflicting = int(((original >= 0) & (original != raw.user_labels)).sum())
-        if conflicting:
-            raise DataError(
-                f"custom data: y differs from y_true at {conflicting} examples, so its labels are already noisy; "
-                "use noise 'real' (or drop y_true)"
-            )
-        original = raw.user_labels.copy()
-    known = original >= 0
-
-    # 1. trusted set
     requested = _trusted_request(clean_size, clean_frac, base)
-    per_class = None
-    if raw.fixed_trusted is not None:
-        if requested is not None:
-            raise ValueError("this custom dataset marks its trusted examples; leave clean_size and clean_frac unset")
-        trusted = raw.fixed_trusted
-    elif requested is not None:
-        per_class = per_class_trusted_count(requested, C)
-        candidates = known & (everywhere if raw.trusted_candidates is None else raw.trusted_candidates)
-        if not candidates.any():
-            raise DataError(f"{raw.name}: no example has a known clean label to draw a trusted set from (give y_true or mark trusted rows)")
-        trusted = draw_trusted(class_orders(original, C, seeded_generator(seed, "split"), candidates), per_class)
-    else:
-        trusted = np.zeros(0, dtype=np.int64)
+    if use_clean_in_train and requested is None and raw.fixed_trusted is None:
+        raise ValueError("use_clean_in_train needs a trusted set (clean_size or clean_frac)")
+    original = _original_labels(raw, spec)
 
-    # 2. clean validation split
+    # 1. trusted set; 2. clean validation split
+    trusted, per_class = _draw_trusted(raw, original, requested, seed)
     n_val = _val_count(val_size, base)
     val = val_counts = None
     if n_val:
-        candidates = known & (everywhere if raw.val_candidates is None else raw.val_candidates)
-        val, val_counts = draw_val(class_orders(original, C, seeded_generator(seed, "split"), candidates), n_val, taken=trusted)
+        orders = class_orders(original, C, seeded_generator(seed, "split"), _candidates(raw.val_candidates, original >= 0))
+        val, val_counts = draw_val(orders, n_val, taken=trusted)
 
-    # 3. noisy training set
+    # 3. the noisy training set: everything else
     in_noisy = noisy_candidates.copy()
     in_noisy[trusted] = False
     if val is not None:
         in_noisy[val] = False
     noisy_idx = np.flatnonzero(in_noisy)
-    true_noisy = original[noisy_idx]
-    T = None
-    expected = None
-    if spec.is_real:
-        observed = raw.label_sets[spec.kind][noisy_idx]
-        T = empirical_transition(true_noisy, observed, C)
-    else:
-        unknown = int((true_noisy < 0).sum())
-        if unknown:
-            raise DataError(f"{raw.name}: {unknown} training examples have no original label, so noise {spec} cannot be applied")
-        T = spec.transition_matrix(C, dataset=raw.name, coarse_of_class=raw.coarse_of_class, seed=seed)
-        if spec.kind == "clean":
-            observed = true_noisy.copy()
-        else:
-            observed = sample_noisy_labels(np.where(known, original, 0), T, seeded_generator(seed, "noise"))[noisy_idx]
-        expected = expected_noise_rate(T, true_noisy)
-    has_truth = true_noisy >= 0
-    realized = float((observed[has_truth] != true_noisy[has_truth]).mean()) if has_truth.any() else math.nan
+    observed, T, expected = _noisy_labels(raw, spec, original, noisy_idx, seed)
+    realized = _error_rate(observed, original[noisy_idx])
 
-    if use_clean_in_train and not len(trusted):
-        raise ValueError("use_clean_in_train needs a trusted set (clean_size or clean_frac)")
     train_idx = np.concatenate([noisy_idx, trusted]) if use_clean_in_train else noisy_idx
     train_labels = np.concatenate([observed, original[trusted]]) if use_clean_in_train else observed
     task_splits = {
@@ -221,8 +237,6 @@ def task_from_dataset(
             source=raw.test.source,
         ),
     }
-    train_truth = original[train_idx]
-    train_errors = float((train_labels[train_truth >= 0] != train_truth[train_truth >= 0]).mean()) if (train_truth >= 0).any() else None
     info = {
         "dataset": raw.name,
         "num_classes": C,
@@ -232,11 +246,11 @@ def task_from_dataset(
         "noise_description": spec.describe(C, raw.name),
         "noise_rate_nominal": spec.rate,
         "noise_rate_expected": expected,
-        "noise_rate_realized": None if math.isnan(realized) else realized,
-        "noise_rate_realized_over": int(has_truth.sum()),
-        "train_label_error_rate": train_errors,
+        "noise_rate_realized": realized,
+        "noise_rate_realized_over": int((original[noisy_idx] >= 0).sum()),
+        "train_label_error_rate": _error_rate(train_labels, original[train_idx]),
         "sizes": {
-            "pool": len(pool),
+            "pool": len(raw.train),
             "train": len(train_idx),
             "train_noisy": len(noisy_idx),
             "clean": len(trusted),
@@ -270,7 +284,7 @@ def task_from_dataset(
         input_shape=tuple(raw.input_shape),
         noise=spec,
         noise_rate_nominal=spec.rate,
-        noise_rate_realized=realized,
+        noise_rate_realized=math.nan if realized is None else realized,
         transition_matrix=T,
         class_names=list(raw.class_names),
         info=info,
