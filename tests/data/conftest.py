@@ -151,7 +151,7 @@ def write_png(path: Path, size, seed: int, mode: str = "RGB") -> Path:
 
 def write_clothing1m(root: Path, *, annotations_subfolder: bool = False) -> dict:
     """A tiny Clothing1M release: images/ plus the six annotation lists. The noisy list shares
-    two keys with clean_train and one with clean_val, as the real lists overlap."""
+    two keys with clean_train, one with clean_val and one with clean_test."""
     C = 14
     keys = {
         "noisy_train": [f"images/0/{i:02d}/n{i}.jpg" for i in range(42)],
@@ -159,7 +159,7 @@ def write_clothing1m(root: Path, *, annotations_subfolder: bool = False) -> dict
         "clean_val": [f"images/2/{i:02d}/v{i}.jpg" for i in range(28)],
         "clean_test": [f"images/3/{i:02d}/t{i}.jpg" for i in range(14)],
     }
-    keys["noisy_train"] += [keys["clean_train"][0], keys["clean_train"][1], keys["clean_val"][0]]
+    keys["noisy_train"] += [keys["clean_train"][0], keys["clean_train"][1], keys["clean_val"][0], keys["clean_test"][0]]
     clean_kv = {k: i % C for lst in ("clean_train", "clean_val", "clean_test") for i, k in enumerate(keys[lst])}
     for i, k in enumerate(keys["noisy_train"][:20]):  # some noisy-list images also have clean labels
         clean_kv.setdefault(k, i % C)

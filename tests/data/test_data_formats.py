@@ -313,6 +313,7 @@ def test_clothing1m_lists_load_lazily_and_stay_disjoint(tmp_path, writers, annot
     assert clean_keys <= set(keys["clean_train"]) and val_keys <= set(keys["clean_val"])
     assert not train_keys & clean_keys and not train_keys & val_keys
     assert train_keys <= set(keys["noisy_train"]) and task.test.source.keys == keys["clean_test"]
+    assert not train_keys & set(keys["clean_test"]) and task.info["test_keys_removed_from_training"] == 1
     assert task.train.labels.tolist() == [released["noisy_kv"][k] for k in task.train.source.keys]
     truth = task.train.true_labels.numpy()
     assert (truth == -1).any() and (truth >= 0).any()  # only part of the noisy set has clean labels
