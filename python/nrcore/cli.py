@@ -139,6 +139,7 @@ def _train_command():
     @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
     @click.option("--track-examples", type=int, default=None, help="Weight trajectories stored for per-example-weight methods (default 500).")
     @click.option("--download/--no-download", default=None, help="Fetch missing datasets through torchvision when it is installed.")
+    @click.option("--verify-checksums/--no-verify-checksums", default=None, help="Check official files against their known checksums (default on).")
     @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/METHOD-DATASET-NOISE-seedS).")
     @click.option("--resume", type=click.Path(file_okay=False), default=None, help="Continue the run in this directory from its last checkpoint.")
     @click.option("--stop-after-epoch", type=int, default=None, help="Stop (resumably) once this many epochs are done, e.g. to fit a job time limit.")

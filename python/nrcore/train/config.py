@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None
     download: bool = False
+    verify_checksums: bool = True
     track_examples: int = 500  # per-example-weight methods: how many weight trajectories to store
     method_options: Dict[str, Any] = field(default_factory=dict)
 

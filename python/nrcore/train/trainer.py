@@ -36,7 +36,7 @@ from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
 
 # Config keys that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"epochs", "device", "threads", "data_dir", "download"}
+RESUMABLE_CHANGES = {"epochs", "device", "threads", "data_dir", "download", "verify_checksums"}
 NONFINITE_CHECK_EVERY = 50  # steps between host reads of the running loss (one sync each)
 
 
@@ -91,6 +91,7 @@ class Trainer:
             seed=cfg.seed,
             use_clean_in_train=cfg.use_clean_in_train,
             download=cfg.download,
+            verify_checksums=cfg.verify_checksums,
         )
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
@@ -154,7 +155,7 @@ class Trainer:
         what = "resuming at" if start_epoch else "starting"
         return (
             f"nrcore {cfg.method} on {cfg.dataset} ({sizes}), noise {cfg.noise} "
-            f"(realised {100 * t.noise_rate_realized:.1f}%), model {cfg.model}, {self.device}; "
+            f"(realised {_percent(t.noise_rate_realized)}), model {cfg.model}, {self.device}; "
             f"{what} epoch {start_epoch + 1}/{self.total_epochs}; run dir {self.run_dir}"
         )
 
@@ -239,7 +240,7 @@ class Trainer:
             "epoch": epoch + 1,
             "lr": cfg.lr * factor,
             "train_loss": mean_loss,
-            "noise_rate_realized": task.noise_rate_realized,
+            "noise_rate_realized": _finite_or_none(task.noise_rate_realized),
             "seconds": train_seconds,
             "steps": steps,
             "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
@@ -256,7 +257,8 @@ class Trainer:
             record.update(val_acc=val["acc"], val_loss=val["loss"])
         weights = method.example_weights()
         if weights is not None:
-            record.update(weight_stats(weights, task.train.is_noisy))
+            known = task.train.true_labels >= 0  # rows without a known true label (e.g. Clothing1M) cannot be scored
+            record.update(weight_stats(weights[known.to(weights.device)], task.train.is_noisy[known]))
             if self.tracked_index is not None:
                 self.trajectory.append(weights.detach()[self.tracked_index.to(weights.device)].float().cpu())
         record["eval_seconds"] = time.perf_counter() - t_eval
@@ -325,7 +327,7 @@ class Trainer:
             "dataset": cfg.dataset,
             "noise": cfg.noise,
             "noise_rate_nominal": task.noise_rate_nominal,
-            "noise_rate_realized": task.noise_rate_realized,
+            "noise_rate_realized": _finite_or_none(task.noise_rate_realized),
             "model": cfg.model,
             "seed": cfg.seed,
             "epochs": len(h),
@@ -352,6 +354,16 @@ class Trainer:
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _percent(rate) -> str:
+    rate = _finite_or_none(rate)
+    return "unknown" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _finite_or_none(value) -> Optional[float]:
+    """JSON has no NaN: unknown numbers (e.g. a noise rate without true labels) become null."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _json_line(record: Dict[str, Any]) -> str:
