@@ -27,7 +27,7 @@ enum Status : int {
 
 // EBOMLC / MLC-D barrier coefficient max(delta - dot / (sq_w + sq_alpha), 0), defined as 0 when
 // the denominator is 0 or the statistics are flagged non-finite (the caller skips that step).
-NRCORE_HOST_DEVICE inline double barrier_coefficient_value(double dot, double sq_w, double sq_alpha, double flag,
+NRCORE_HOST_DEVICE static inline double barrier_coefficient_value(double dot, double sq_w, double sq_alpha, double flag,
                                                            double delta) {
   double denom = sq_w + sq_alpha;
   if (flag != 0.0 || !(denom > 0.0)) return 0.0;

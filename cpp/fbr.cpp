@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "fbr_formula.h"
 #include "gemm.h"
 #include "kernels.h"
 
@@ -88,34 +89,8 @@ int direction(const FbrDirectionArgs& a) {
       out[i] = T(0);
       continue;
     }
-    double shift = 0.0;
-    if (a.row_shift) {
-      // Second largest class mean among classes present in the clean set (ties count twice).
-      // A NaN score makes the shift NaN, so the non-finite check below sees it.
-      double top1 = -INFINITY, top2 = -INFINITY;
-      bool nan_seen = false;
-      for (int64_t c = 0; c < C; ++c) {
-        if (a.counts[c] <= 0) continue;
-        double v = static_cast<double>(s[c]);
-        nan_seen |= std::isnan(v);
-        if (v > top1) {
-          top2 = top1;
-          top1 = v;
-        } else if (v > top2) {
-          top2 = v;
-        }
-      }
-      shift = nan_seen ? NAN : (top2 > -INFINITY ? top2 : 0.0);
-    }
     double total = a.use_total ? static_cast<double>(s[C]) : 0.0;
-    double dir;
-    if (a.label_sign) {
-      double ny = static_cast<double>(a.counts[y]);
-      double sy = static_cast<double>(s[y]);
-      dir = a.lambda_pos * ny * (sy - shift) - a.lambda_neg * ((total - ny * sy) - (m - ny) * shift);
-    } else {
-      dir = a.lambda_pos * (total - m * shift);
-    }
+    double dir = fbr_closed_form(s, a.counts, C, y, total, m, a.row_shift, a.label_sign, a.lambda_pos, a.lambda_neg);
     dir *= a.scale;
     out[i] = static_cast<T>(dir);
     if (!std::isfinite(out[i])) status |= kNonFinite;
