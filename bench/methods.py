@@ -272,7 +272,7 @@ def format_table(bench: Bench, timings: Dict[str, Timing], memory: Optional[Dict
     header = ["method", "ms/step", "÷ ce", "min-max ms", "epoch setup ms", "epochs ÷ ce"]
     if memory is not None:
         header += ["peak MB", "÷ ce"]
-    rows = [header]
+    rows = []
     errors = []
     for name, t in timings.items():
         if t.error:
@@ -295,11 +295,11 @@ def format_table(bench: Bench, timings: Dict[str, Timing], memory: Optional[Dict
                 row += ["failed", ""]
                 errors.append(f"{name} (memory probe): {m.get('error', '?')}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
-
     import torch
+
+    from nrcore.report.table import markdown_table
+
+    lines = markdown_table(header, rows)
 
     cfg = config_for(args, BASELINE)
     clean = len(bench.clean_batches[0]) if bench.clean_batches else 0

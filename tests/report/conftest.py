@@ -30,9 +30,12 @@ def write_run(
     batch_size: int = 64,
     threads: int = 1,
     name: Optional[str] = None,
+    lr_drop_at: Optional[int] = None,
+    phased: bool = False,
 ) -> Path:
     """A run directory shaped like the trainer's; `status=None` leaves out summary.json (a run
-    still going or killed)."""
+    still going or killed). `lr_drop_at`: 1-based epoch from which the lr is x0.1; `phased`: the
+    first half of the epochs is phase 1 (as glc/forward log it)."""
     run_dir = root / (name or f"{dataset}-{noise}-{method}-seed{seed}")
     run_dir.mkdir(parents=True)
     epochs = len(test_acc)
@@ -44,7 +47,10 @@ def write_run(
     rng = np.random.default_rng(seed)
     records = []
     for e in range(epochs):
-        r = dict(epoch=e + 1, lr=0.05, train_loss=1.0 / (e + 1), seconds=1.0, steps=100, test_acc=test_acc[e])
+        lr = 0.005 if lr_drop_at is not None and e + 1 >= lr_drop_at else 0.05
+        r = dict(epoch=e + 1, lr=lr, train_loss=1.0 / (e + 1), seconds=1.0, steps=100, test_acc=test_acc[e])
+        if phased:
+            r["phase"] = 1 if e < epochs // 2 else 2
         if val_acc is not None:
             r["val_acc"] = val_acc[e]
         if weights:
@@ -80,6 +86,7 @@ def write_run(
             status=status, method=method, dataset=dataset, noise=noise, model=model, seed=seed, epochs=epochs,
             noise_rate_nominal=0.8, noise_rate_realized=0.79,
             test_acc_last=test_acc[-1], test_acc_best_val=test_acc_best_val, test_acc_max=max(test_acc),
+            best_val_epoch=1 + int(np.argmax(val_acc)) if val_acc is not None else None,
             weight_auroc_last=records[-1].get("weight_auroc"), seconds_per_step=seconds_per_step,
             device="cpu", threads=threads, config=config,
         )
@@ -95,14 +102,17 @@ def make_run():
 
 @pytest.fixture
 def synthetic_runs(tmp_path):
-    """A small grid: ce and mlc (label correction) and fbr (weights), 2 seeds, plus one
-    unfinished run. Returns the folder holding them."""
+    """A small grid: ce, mlc (label correction), fbr (weights) and glc (two phases), 2 seeds,
+    plus one unfinished run. Returns the folder holding them."""
     root = tmp_path / "runs"
     for seed in (0, 1):
-        write_run(root, "ce", "sym80", seed, test_acc=[30, 40 + seed, 35 + seed], val_acc=[31, 45, 40], test_acc_best_val=40 + seed)
+        write_run(root, "ce", "sym80", seed, test_acc=[30, 40 + seed, 35 + seed], val_acc=[31, 45, 40], test_acc_best_val=40 + seed,
+                  lr_drop_at=3)
         write_run(root, "fbr", "sym80", seed, test_acc=[50, 70, 80 + seed], val_acc=[50, 72, 81], test_acc_best_val=80 + seed,
                   weights=True, seconds_per_step=0.012)
         write_run(root, "mlc", "sym80", seed, test_acc=[40, 60, 70], val_acc=[40, 60, 70], test_acc_best_val=70,
                   label_correction=True, seconds_per_step=0.03)
+        write_run(root, "glc", "sym80", seed, test_acc=[30, 40, 35, 50, 60, 65], val_acc=[31, 45, 40, 50, 62, 60],
+                  test_acc_best_val=60, phased=True)
     write_run(root, "fbr", "sym80", 2, test_acc=[50], status=None)
     return root

@@ -46,6 +46,16 @@ def test_every_figure_renders(synthetic_runs, tmp_path):
     assert "seed2" in index
 
 
+def test_phased_runs_plot_their_second_phase(synthetic_runs):
+    from nrcore.report.figures import _lr_drops, _series
+    from nrcore.report.runs import find_runs
+
+    runs = {(r.method, r.seed): r for r in find_runs([synthetic_runs])}
+    x, y = _series(runs["glc", 0], "test_acc")
+    assert list(x) == [1, 2, 3] and list(y) == [50, 60, 65]  # epochs 4-6 drawn as 1-3
+    assert _lr_drops([runs["ce", 0]]) == [2.5]  # lr x0.1 from epoch 3: a line between 2 and 3
+
+
 def test_per_run_figures_lowest_seed_unless_every_seed(synthetic_runs, tmp_path):
     default = render_report([synthetic_runs], tmp_path / "a")
     every = render_report([synthetic_runs], tmp_path / "b", every_seed=True)

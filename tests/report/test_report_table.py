@@ -20,7 +20,7 @@ def rows_by_method(text):
 def test_means_stds_and_time_ratios(synthetic_runs):
     text, notes = make_table([synthetic_runs], "csv")
     rows = rows_by_method(text)
-    assert list(rows) == ["ce", "fbr", "mlc"]  # ce first
+    assert list(rows) == ["ce", "fbr", "glc", "mlc"]  # ce first
 
     ce, fbr, mlc = rows["ce"], rows["fbr"], rows["mlc"]
     # ce: last-epoch test acc 35 and 36 -> mean 35.5, sample std sqrt(((0.5)^2 * 2) / 1) = 0.7071

@@ -3,7 +3,9 @@
 Figures (matplotlib, Agg backend: no display needed):
 
     accuracy_<dataset>_<noise>_<model>.png    test and clean-validation accuracy per epoch,
-                                              one line per run, one colour per method
+                                              one line per run, one colour per method, a dot
+                                              at each run's best-validation epoch; phased
+                                              methods (glc, forward) show their second phase
     weight-auroc_<dataset>_<noise>_<model>.png per-example-weight methods: weight AUROC per
                                               epoch, and mean weight of clean vs noisy examples
     trajectories_<run>.png                    weights of the tracked examples over training,
@@ -75,12 +77,43 @@ def _run_title(run: Run, label: str) -> str:
     return f"{label} on {run.dataset}, noise {run.noise}, seed {run.seed}"
 
 
+def _result_epochs(run: Run) -> Tuple[List[dict], int]:
+    """(metrics records that are the method's result, epochs before them). Phased methods (glc,
+    forward with an estimated matrix) first train a model on the noisy labels; their records
+    carry `phase`, and only the last phase is drawn, numbered from 1 like everyone else's."""
+    records = run.metrics
+    phases = [m["phase"] for m in records if m.get("phase") is not None]
+    if not phases:
+        return records, 0
+    last = [m for m in records if m.get("phase") == max(phases)]
+    return last, (last[0]["epoch"] - 1 if last else 0)
+
+
+def _is_phased(run: Run) -> bool:
+    return _result_epochs(run)[1] > 0
+
+
 def _series(run: Run, key: str) -> Tuple[np.ndarray, np.ndarray]:
-    points = [(m["epoch"], m[key]) for m in run.metrics if m.get(key) is not None]
+    records, offset = _result_epochs(run)
+    points = [(m["epoch"] - offset, m[key]) for m in records if m.get(key) is not None]
     if not points:
         return np.empty(0), np.empty(0)
     epochs, values = zip(*points)
     return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float)
+
+
+def _lr_drops(runs: Sequence[Run]) -> List[float]:
+    """Epochs (x positions between two epochs) where some run's learning rate fell by >25%."""
+    drops = set()
+    for run in runs:
+        x, lr = _series(run, "lr")
+        drops.update(float(x[i]) - 0.5 for i in range(1, len(lr)) if lr[i] < 0.75 * lr[i - 1])
+    return sorted(drops)
+
+
+def _split_size(runs: Sequence[Run], split: str) -> str:
+    sizes = {((r.summary or {}).get("task") or {}).get("sizes", {}).get(split) for r in runs} - {None}
+    return f", {sizes.pop()} examples" if len(sizes) == 1 else ""
 
 
 def _legend_right(fig, handles, labels):
@@ -108,19 +141,36 @@ def plot_accuracy(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path
     fig, axes = plt.subplots(
         1, 2 if has_val else 1, figsize=(12 if has_val else 7.5, 4.4), sharey=True, squeeze=False, layout="constrained"
     )
-    panels = [("test_acc", "test set")] + ([("val_acc", "clean validation split")] if has_val else [])
+    panels = [("test_acc", f"test set{_split_size(runs, 'test')}")]
+    if has_val:
+        panels.append(("val_acc", f"clean validation split{_split_size(runs, 'val')}"))
     handles, names = [], []
     for ax, (key, title) in zip(axes[0], panels):
         for row_key, members in rows.items():
+            color = colors[row_key.label]
             for i, run in enumerate(members):
                 x, y = _series(run, key)
-                (line,) = ax.plot(x, y, color=colors[row_key.label], lw=1.3, alpha=0.85)
+                (line,) = ax.plot(x, y, color=color, lw=1.3, alpha=0.85)
                 if ax is axes[0][0] and i == 0:
                     handles.append(line)
-                    names.append(f"{row_key.label} ({_seeds(len(members))})")
+                    phased = ", phase 2" if _is_phased(run) else ""
+                    names.append(f"{row_key.label}{phased} ({_seeds(len(members))})")
+                best = (run.summary or {}).get("best_val_epoch")
+                if key == "test_acc" and best is not None and best - _result_epochs(run)[1] in x:
+                    ax.plot([best - _result_epochs(run)[1]], [run.summary["test_acc_best_val"]], "o", color=color, ms=5)
+        for drop in _lr_drops(runs):
+            ax.axvline(drop, color="grey", ls=":", lw=1)
         ax.set_title(title)
         _epoch_axis(ax)
     axes[0][0].set_ylabel("accuracy (%)")
+    from matplotlib.lines import Line2D
+
+    if any((r.summary or {}).get("best_val_epoch") for r in runs):
+        handles.append(Line2D([], [], color="grey", marker="o", ls=""))
+        names.append("test acc at best-val epoch")
+    if _lr_drops(runs):
+        handles.append(Line2D([], [], color="grey", ls=":"))
+        names.append("learning-rate decay")
     first = next(iter(rows))
     fig.suptitle(f"Accuracy per epoch: {_noise_title(first.dataset, first.noise, first.model, runs)}")
     _legend_right(fig, handles, names)
@@ -145,7 +195,7 @@ def plot_weight_auroc(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], 
         names.append(f"{row_key.label} ({_seeds(len(members))})")
     ax_auc.axhline(0.5, color="grey", ls=":", lw=1)
     handles += [Line2D([], [], color="grey", ls=":"), Line2D([], [], color="grey", ls="-"), Line2D([], [], color="grey", ls="--")]
-    names += ["chance (AUROC 0.5)", "clean examples (right)", "noisy examples (right)"]
+    names += ["chance (AUROC 0.5)", "mean weight, clean examples", "mean weight, noisy examples"]
     ax_auc.set(title="weight AUROC, clean vs noisy (1 = perfect)", ylabel="AUROC")
     ax_mean.set(title="mean weight", ylabel="mean example weight")
     for ax in (ax_auc, ax_mean):
@@ -186,7 +236,7 @@ def plot_weight_trajectories(run: Run, label: str, path: Path) -> Optional[Path]
         Line2D([], [], color=CLEAN_COLOR, lw=2.8), Line2D([], [], color=NOISY_COLOR, lw=2.8),
     ]
     names = [f"clean example ({(~noisy).sum()})", f"noisy example ({noisy.sum()})", "mean of clean", "mean of noisy"]
-    ax.legend(handles, names, loc="best", framealpha=0.9)
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # outside: never over the lines
     ax.set_title(f"Weight trajectories of {len(noisy)} tracked training examples\n{_run_title(run, label)}")
     return _save(fig, path)
 
@@ -198,24 +248,27 @@ def _outline():
 
 
 def plot_weight_histogram(run: Run, label: str, path: Path) -> Path:
-    """Final weights of every training example, clean and noisy stacked side by side."""
+    """Final weights of every training example: clean above, noisy below, same bins, each with
+    its own count axis (with 80% noise, one shared axis would flatten the clean examples, and
+    overlapping bars read as stacked ones)."""
     plt = _pyplot()
     with np.load(run.weights_file) as data:
         weights = np.asarray(data["final_weights"], dtype=float)
         noisy = np.asarray(data["is_noisy"], dtype=bool)
     lo, hi = min(0.0, float(weights.min())), max(1.0, float(weights.max()))
     bins = np.linspace(lo, hi, 41)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.hist(
-        [weights[~noisy], weights[noisy]], bins=bins, color=[CLEAN_COLOR, NOISY_COLOR], alpha=0.6, histtype="stepfilled",
-        label=[f"clean ({(~noisy).sum()} examples)", f"noisy ({noisy.sum()} examples)"],
-    )
-    ax.set(xlabel="final example weight", ylabel="number of training examples")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center")
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5.2), sharex=True, layout="constrained")
+    for ax, mask, color, kind in ((axes[0], ~noisy, CLEAN_COLOR, "clean"), (axes[1], noisy, NOISY_COLOR, "noisy")):
+        values = weights[mask]
+        mean = f", mean {values.mean():.2f}" if values.size else ""
+        ax.hist(values, bins=bins, color=color, alpha=0.75, label=f"{kind}: {values.size} examples{mean}")
+        ax.set_ylabel("examples")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center")
+    axes[1].set_xlabel("final example weight")
     auroc = (run.summary or {}).get("weight_auroc_last")
-    auroc_text = f", weight AUROC {auroc:.3f}" if auroc is not None else ""
-    ax.set_title(f"Final weights, clean vs noisy{auroc_text}\n{_run_title(run, label)}")
+    auroc_text = f" (weight AUROC {auroc:.3f})" if auroc is not None else ""
+    fig.suptitle(f"Final weights of all training examples, clean vs noisy{auroc_text}\n{_run_title(run, label)}")
     return _save(fig, path)
 
 

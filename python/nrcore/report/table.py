@@ -157,17 +157,22 @@ def _cells(row: Row) -> List[str]:
     ]
 
 
-def format_markdown(rows: List[Row], notes: Sequence[str] = (), legend: bool = True) -> str:
-    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    numeric = set(range(4, len(COLUMNS)))
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> List[str]:
+    """Aligned Markdown lines; the first `text_columns` columns left-aligned, the rest (numbers)
+    right-aligned."""
+    cells = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
 
     def line(values):
-        padded = [v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        padded = [v.ljust(w) if i < text_columns else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    out = [line(cells[0]), rule] + [line(c) for c in cells[1:]]
+    rule = "|" + "|".join("-" * (w + 2) if i < text_columns else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return [line(cells[0]), rule] + [line(c) for c in cells[1:]]
+
+
+def format_markdown(rows: List[Row], notes: Sequence[str] = (), legend: bool = True) -> str:
+    out = markdown_table(COLUMNS, [_cells(r) for r in rows], text_columns=4)
     if legend:
         out += ["", LEGEND]
     if notes:
