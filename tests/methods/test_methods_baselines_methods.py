@@ -131,16 +131,16 @@ def test_forward_true_corrects_from_the_first_step_with_the_true_matrix():
     assert method.train_step(batch, None).loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_glc_weights_the_trusted_batch_by_the_trusted_share_of_the_union():
-    task = hand_task()  # 18 noisy, 6 trusted: share 6 / 24
+def test_glc_weights_the_trusted_examples_by_their_share_of_the_union():
+    task = hand_task()  # 18 noisy, 6 trusted: share 6 / 24; batch 4 -> ceil(4 * 6 / 18) = 2 trusted per step
     ctx = context(task, factory=noise_model)
     glc = GoldLossCorrection(ctx)
-    assert glc.trusted_share == pytest.approx(0.25)
+    assert glc.trusted_share == pytest.approx(0.25) and glc.trusted_per_step == 2
     glc.start_epoch(ctx.epochs)  # estimates T; the fresh network is noise_model() again
-    batch, clean = task.loader("train", 4)[0], task.loader("clean", 3)[0]
+    batch, clean = task.loader("train", 4)[0], task.loader("clean", 6)[0]
     with torch.no_grad():
         untrusted = forward_corrected_nll(glc.model(batch.x), batch.y, glc.transition).mean()
-        trusted = F.cross_entropy(glc.model(clean.x), clean.y)
+        trusted = F.cross_entropy(glc.model(clean.x[:2]), clean.y[:2])
     loss = glc.train_step(batch, clean).loss
     assert loss.item() == pytest.approx(0.75 * untrusted.item() + 0.25 * trusted.item(), rel=1e-6)
 
