@@ -53,6 +53,7 @@ def test_phased_runs_plot_their_second_phase(synthetic_runs):
     runs = {(r.method, r.seed): r for r in find_runs([synthetic_runs])}
     x, y = _series(runs["glc", 0], "test_acc")
     assert list(x) == [1, 2, 3] and list(y) == [50, 60, 65]  # epochs 4-6 drawn as 1-3
+    assert runs["glc", 0].best_val_epoch == 2  # epoch 5 = phase-2 epoch 2
     assert _lr_drops([runs["ce", 0]]) == [2.5]  # lr x0.1 from epoch 3: a line between 2 and 3
 
 

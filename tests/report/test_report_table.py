@@ -34,6 +34,9 @@ def test_means_stds_and_time_ratios(synthetic_runs):
     assert any("seed2" in n for n in notes)
     # weight AUROC only for the weighted method: last epoch 0.6 + 0.35 = 0.95
     assert float(fbr["weight_auroc_mean"]) == pytest.approx(0.95) and ce["weight_auroc_mean"] == ""
+    # glc has two phases: its best-val epoch is picked in phase 2 (epoch 5: test 60), not the
+    # trainer's pick over both phases (epoch 2, a plain noisy-label model: test 40)
+    assert float(rows["glc"]["test_acc_best_val_mean"]) == 60.0
     # time per step relative to ce: 0.012 / 0.010 and 0.03 / 0.01
     assert float(ce["time_vs_ce"]) == pytest.approx(1.0)
     assert float(fbr["time_vs_ce"]) == pytest.approx(1.2)

@@ -57,14 +57,17 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("_")
 
 
-def method_colors(labels: Sequence[str]) -> Dict[str, object]:
-    """One colour per method label, stable for a given set of labels; `ce` in black."""
+def method_styles(labels: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """Line colour and style per method label within one figure: `ce` solid black; up to 10
+    others in tab10 colours; more in tab20, whose light half is dashed so neighbours differ."""
     plt = _pyplot()
     others = sorted(set(labels) - {"ce"})
     cmap = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
-    colors: Dict[str, object] = {label: cmap(i % cmap.N) for i, label in enumerate(others)}
-    colors["ce"] = BASELINE_COLOR
-    return colors
+    styles = {
+        label: {"color": cmap(i % cmap.N), "ls": "--" if cmap.N == 20 and i % 2 else "-"} for i, label in enumerate(others)
+    }
+    styles["ce"] = {"color": BASELINE_COLOR, "ls": "-"}
+    return styles
 
 
 def _noise_title(dataset: str, noise: str, model: str, runs: Sequence[Run]) -> str:
@@ -77,29 +80,22 @@ def _run_title(run: Run, label: str) -> str:
     return f"{label} on {run.dataset}, noise {run.noise}, seed {run.seed}"
 
 
-def _result_epochs(run: Run) -> Tuple[List[dict], int]:
-    """(metrics records that are the method's result, epochs before them). Phased methods (glc,
-    forward with an estimated matrix) first train a model on the noisy labels; their records
-    carry `phase`, and only the last phase is drawn, numbered from 1 like everyone else's."""
-    records = run.metrics
-    phases = [m["phase"] for m in records if m.get("phase") is not None]
-    if not phases:
-        return records, 0
-    last = [m for m in records if m.get("phase") == max(phases)]
-    return last, (last[0]["epoch"] - 1 if last else 0)
-
-
 def _is_phased(run: Run) -> bool:
-    return _result_epochs(run)[1] > 0
+    return run.result_metrics[1] > 0
 
 
 def _series(run: Run, key: str) -> Tuple[np.ndarray, np.ndarray]:
-    records, offset = _result_epochs(run)
+    records, offset = run.result_metrics  # phased methods: the last phase, from epoch 1
     points = [(m["epoch"] - offset, m[key]) for m in records if m.get(key) is not None]
     if not points:
         return np.empty(0), np.empty(0)
     epochs, values = zip(*points)
     return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float)
+
+
+def _line(ax, x, y, **style):
+    """A run's curve; dots when it has too few epochs to draw a line."""
+    return ax.plot(x, y, lw=1.3, alpha=0.85, marker="o" if len(x) < 3 else None, ms=4, **style)[0]
 
 
 def _lr_drops(runs: Sequence[Run]) -> List[float]:
@@ -124,7 +120,7 @@ def _epoch_axis(ax, label: str = "epoch") -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel(label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
 
 
@@ -133,7 +129,7 @@ def _seeds(n: int) -> str:
 
 
 # ---- figures over all runs of a (dataset, noise, model) --------------------------------------
-def plot_accuracy(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path: Path) -> Path:
+def plot_accuracy(rows: Dict[RowKey, List[Run]], path: Path) -> Path:
     """Test accuracy (and clean-validation accuracy when logged) per epoch, a line per run."""
     plt = _pyplot()
     runs = [r for members in rows.values() for r in members]
@@ -144,28 +140,31 @@ def plot_accuracy(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path
     panels = [("test_acc", f"test set{_split_size(runs, 'test')}")]
     if has_val:
         panels.append(("val_acc", f"clean validation split{_split_size(runs, 'val')}"))
+    styles = method_styles([k.label for k in rows])
+    last_epoch = max((_series(r, "test_acc")[0].max(initial=1) for r in runs), default=1)
     handles, names = [], []
     for ax, (key, title) in zip(axes[0], panels):
         for row_key, members in rows.items():
-            color = colors[row_key.label]
+            style = styles[row_key.label]
+            color = style["color"]
             for i, run in enumerate(members):
                 x, y = _series(run, key)
-                (line,) = ax.plot(x, y, color=color, lw=1.3, alpha=0.85)
+                line = _line(ax, x, y, **style)
                 if ax is axes[0][0] and i == 0:
                     handles.append(line)
                     phased = ", phase 2" if _is_phased(run) else ""
                     names.append(f"{row_key.label}{phased} ({_seeds(len(members))})")
-                best = (run.summary or {}).get("best_val_epoch")
-                if key == "test_acc" and best is not None and best - _result_epochs(run)[1] in x:
-                    ax.plot([best - _result_epochs(run)[1]], [run.summary["test_acc_best_val"]], "o", color=color, ms=5)
+                if key == "test_acc" and run.best_val_epoch is not None:
+                    ax.plot([run.best_val_epoch], [run.test_acc_best_val], "o", color=color, ms=5)
         for drop in _lr_drops(runs):
             ax.axvline(drop, color="grey", ls=":", lw=1)
         ax.set_title(title)
+        ax.set_xlim(0.5, last_epoch + 0.5)
         _epoch_axis(ax)
     axes[0][0].set_ylabel("accuracy (%)")
     from matplotlib.lines import Line2D
 
-    if any((r.summary or {}).get("best_val_epoch") for r in runs):
+    if any(r.best_val_epoch is not None for r in runs):
         handles.append(Line2D([], [], color="grey", marker="o", ls=""))
         names.append("test acc at best-val epoch")
     if _lr_drops(runs):
@@ -177,20 +176,21 @@ def plot_accuracy(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path
     return _save(fig, path)
 
 
-def plot_weight_auroc(rows: Dict[RowKey, List[Run]], colors: Dict[str, object], path: Path) -> Path:
+def plot_weight_auroc(rows: Dict[RowKey, List[Run]], path: Path) -> Path:
     """Weight AUROC (clean vs noisy) per epoch, and the mean weight of clean and noisy examples."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
     fig, (ax_auc, ax_mean) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    styles = method_styles([k.label for k in rows])  # colour only: line style marks clean vs noisy here
     handles, names = [], []
     for row_key, members in rows.items():
-        color = colors[row_key.label]
+        color = styles[row_key.label]["color"]
         for i, run in enumerate(members):
             x, y = _series(run, "weight_auroc")
-            ax_auc.plot(x, y, color=color, lw=1.3, alpha=0.85)
-            ax_mean.plot(*_series(run, "weight_mean_clean"), color=color, lw=1.3, alpha=0.85)
-            ax_mean.plot(*_series(run, "weight_mean_noisy"), color=color, lw=1.3, alpha=0.85, ls="--")
+            _line(ax_auc, x, y, color=color)
+            _line(ax_mean, *_series(run, "weight_mean_clean"), color=color)
+            _line(ax_mean, *_series(run, "weight_mean_noisy"), color=color, ls="--")
         handles.append(Line2D([], [], color=color, lw=2))
         names.append(f"{row_key.label} ({_seeds(len(members))})")
     ax_auc.axhline(0.5, color="grey", ls=":", lw=1)
@@ -329,7 +329,6 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
     if not finished:
         raise ValueError(f"none of the {len(runs)} runs found is finished; " + "; ".join(notes[:3]))
     rows = group_runs(finished)
-    colors = method_colors([k.label for k in rows])
     report = Report(out=out, index=out / "index.md", notes=notes)
     table_rows = build_rows(finished)
     report.notes += duplicate_seed_notes(table_rows)
@@ -365,13 +364,13 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
 
     for (dataset, noise, model), group in by_setting.items():
         md += [f"## {dataset}, noise {noise}, model {model}", ""]
-        show(plot_accuracy(group, colors, figure_path("accuracy", dataset, noise, model)), "accuracy per epoch")
+        show(plot_accuracy(group, figure_path("accuracy", dataset, noise, model)), "accuracy per epoch")
 
         weighted = {k: [r for r in v if any(m.get("weight_auroc") is not None for m in r.metrics)] for k, v in group.items()}
         weighted = {k: v for k, v in weighted.items() if v}
         if weighted:
             md += ["### Per-example weights", ""]
-            show(plot_weight_auroc(weighted, colors, figure_path("weight-auroc", dataset, noise, model)), "weight AUROC per epoch")
+            show(plot_weight_auroc(weighted, figure_path("weight-auroc", dataset, noise, model)), "weight AUROC per epoch")
 
         for key, members in group.items():
             for run in members if every_seed else members[:1]:

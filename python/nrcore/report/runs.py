@@ -86,6 +86,40 @@ class Run:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     @property
+    def result_metrics(self) -> Tuple[List[Dict[str, Any]], int]:
+        """(the epochs that are the method's result, how many epochs came before them).
+
+        Phased methods (glc, forward with an estimated matrix) first train a plain model on the
+        noisy labels; their records carry `phase` and only the last phase is their result."""
+        phases = [m["phase"] for m in self.metrics if m.get("phase") is not None]
+        if not phases:
+            return self.metrics, 0
+        last = [m for m in self.metrics if m.get("phase") == max(phases)]
+        return last, (last[0]["epoch"] - 1 if last else 0)
+
+    @property
+    def test_acc_best_val(self) -> Optional[float]:
+        """Test accuracy at the best clean-validation epoch of the result epochs (the trainer's
+        summary picks over all epochs, which for phased methods can be a phase-1 epoch)."""
+        records, offset = self.result_metrics
+        if offset == 0:
+            return (self.summary or {}).get("test_acc_best_val")
+        best = None
+        for m in records:  # first maximum, as the trainer picks it
+            if m.get("val_acc") is not None and (best is None or m["val_acc"] > best["val_acc"]):
+                best = m
+        return best["test_acc"] if best else None
+
+    @property
+    def best_val_epoch(self) -> Optional[int]:
+        """The epoch of `test_acc_best_val`, counted inside the result epochs."""
+        records, offset = self.result_metrics
+        if offset == 0:
+            return (self.summary or {}).get("best_val_epoch")
+        with_val = [m for m in records if m.get("val_acc") is not None]
+        return max(with_val, key=lambda m: m["val_acc"])["epoch"] - offset if with_val else None
+
+    @property
     def weights_file(self) -> Optional[Path]:
         path = self.path / "weights.npz"
         return path if path.is_file() else None
