@@ -90,3 +90,11 @@ def test_report_cli(synthetic_runs, tmp_path):
 def test_matplotlib_not_imported_by_package_or_cli():
     code = "import sys, nrcore, nrcore.cli, nrcore.report, nrcore.report.cli; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_damaged_artifact_is_a_note_not_a_crash(synthetic_runs, tmp_path):
+    (synthetic_runs / "digits-sym80-mlc-seed0" / "label_correction.npz").write_bytes(b"not an npz")
+    report = render_report([synthetic_runs], tmp_path / "out")
+    assert any("label correction heatmap" in n and "mlc-seed0" in n for n in report.notes)
+    assert not any(p.name.startswith("label-correction") for p in report.figures)
+    assert any(p.name.startswith("trajectories") for p in report.figures)

@@ -186,9 +186,8 @@ def plot_weight_auroc(rows: Dict[RowKey, List[Run]], path: Path) -> Path:
     handles, names = [], []
     for row_key, members in rows.items():
         color = styles[row_key.label]["color"]
-        for i, run in enumerate(members):
-            x, y = _series(run, "weight_auroc")
-            _line(ax_auc, x, y, color=color)
+        for run in members:
+            _line(ax_auc, *_series(run, "weight_auroc"), color=color)
             _line(ax_mean, *_series(run, "weight_mean_clean"), color=color)
             _line(ax_mean, *_series(run, "weight_mean_noisy"), color=color, ls="--")
         handles.append(Line2D([], [], color=color, lw=2))
@@ -304,7 +303,7 @@ def plot_label_correction(run: Run, label: str, path: Path) -> Path:
                         ax.text(j, i, f"{100 * frac[i, j]:.0f}", ha="center", va="center", fontsize=7,
                                 color="white" if frac[i, j] > 0.55 else "black")
     bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
-    bar.set_label("fraction of the true class (row sums to 1; cells in %)")
+    bar.set_label("fraction of the true class (rows sum to 1" + ("; cells in %)" if classes <= 12 else ")"))
     fig.suptitle(f"Label correction on the training set: {_run_title(run, label)}")
     return _save(fig, path)
 
@@ -375,12 +374,18 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
         for key, members in group.items():
             for run in members if every_seed else members[:1]:
                 name = f"{dataset}_{noise}_{model}_{key.label}_seed{run.seed}"
-                per_run = []
+                wanted = []
                 if run.weights_file is not None:
-                    per_run.append((plot_weight_trajectories(run, key.label, figure_path("trajectories", name)), "weight trajectories"))
-                    per_run.append((plot_weight_histogram(run, key.label, figure_path("weight-hist", name)), "final weight histogram"))
+                    wanted += [(plot_weight_trajectories, "trajectories", "weight trajectories"),
+                               (plot_weight_histogram, "weight-hist", "final weight histogram")]
                 if run.label_correction_file is not None:
-                    per_run.append((plot_label_correction(run, key.label, figure_path("label-correction", name)), "label correction heatmap"))
+                    wanted.append((plot_label_correction, "label-correction", "label correction heatmap"))
+                per_run = []
+                for plot, kind, alt in wanted:
+                    try:
+                        per_run.append((plot(run, key.label, figure_path(kind, name)), alt))
+                    except (OSError, KeyError, ValueError) as exc:  # one damaged file must not sink the report
+                        report.notes.append(f"no {alt} for {run.path}: {type(exc).__name__}: {exc}")
                 if per_run:
                     md += [f"### {key.label}, seed {run.seed}", "", f"Run directory: `{run.path}`", ""]
                     for path, alt in per_run:
