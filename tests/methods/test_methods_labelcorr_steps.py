@@ -217,16 +217,41 @@ def test_mlc_step_applies_lower_gradient_and_hypergradient():
     assert_same_state(method, model, meta)
 
 
-@pytest.mark.parametrize("name,real_forwards", [("mlc", 1), ("mlc-d", 2), ("ebomlc", 2)])
-def test_only_real_forwards_update_bn_running_stats(name, real_forwards):
+def test_mlc_mix_clean_splits_the_trusted_batch_like_the_reference_code():
+    """--mix-clean: G = (10 G_noisy + 3 CE(second trusted half)) / 13 drives the look-ahead,
+    F(w_1) is measured on the first half."""
+    method = make_method("mlc", mix_clean=True)
+    noisy, clean = _batch(16, 10), _batch(17, 6)
+    model = copy.deepcopy(method.model)
+    w0 = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    bufs = {n: method.opt.state[p]["momentum_buffer"] for n, p in method.named.items()}
+    logits, h = lookahead_forward_features(model, w0, noisy.x)
+    t = corrected(method.meta, h.detach(), noisy.y).detach()
+    mixed = F.cross_entropy(lookahead_forward(model, w0, clean.x[3:]), clean.y[3:])
+    expected_lower = (10 * -(t * logits.log_softmax(1)).sum(1).mean() + 3 * mixed) / 13
+    g = dict(zip(w0, torch.autograd.grad(expected_lower, list(w0.values()))))
+    w1 = {n: (w0[n] - 0.1 * (0.9 * bufs[n] + g[n] + 5e-4 * w0[n])).detach() for n in w0}
+    expected_upper = F.cross_entropy(lookahead_forward(model, w1, clean.x[:3]), clean.y[:3])
+
+    lower, _, upper, _ = method.gradients(noisy, clean)
+    assert lower.item() == pytest.approx(expected_lower.item(), rel=1e-12)
+    assert upper.item() == pytest.approx(expected_upper.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name,options,real", [("mlc", {}, "n"), ("mlc", {"mix_clean": True}, "nc"), ("mlc-d", {}, "nc"), ("ebomlc", {}, "nc")])
+def test_only_real_forwards_update_bn_running_stats(name, options, real):
     """Running statistics after a step equal those of running the model in train mode on the
-    real update's batches only (noisy; then trusted for the barrier methods)."""
-    method = make_method(name)
+    real update's batches only (n: noisy; c: trusted, or its second half for mlc --mix-clean)."""
+    method = make_method(name, **options)
     noisy, clean = _batch(10, 10), _batch(11, 6)
+    if options.get("mix_clean"):
+        clean_real = clean.x[3:]
+    else:
+        clean_real = clean.x
     expected = copy.deepcopy(method.model).train()
     with torch.no_grad():
-        for batch in (noisy, clean)[:real_forwards]:
-            expected(batch.x)
+        for x in [noisy.x, clean_real][: len(real)]:
+            expected(x)
     method.train_step(noisy, clean)
     got = dict(method.model.named_buffers())
     for n, b in expected.named_buffers():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +17,8 @@ from nrcore.methods._label_correction import (
     paper_presets,
     soft_cross_entropy,
 )
-from nrcore.methods.base import StepOutput, register
+from nrcore.data.types import Batch
+from nrcore.methods.base import Option, StepOutput, register
 
 
 @register
@@ -37,23 +40,35 @@ class MetaLabelCorrection(LabelCorrectionMethod):
     code, the real update of w uses the corrected labels of α_t (the meta and main updates are
     simultaneous), which needs no extra forward.
 
-    BatchNorm: only the forward at w on the noisy batch (the real update's forward) updates the
-    running statistics; the look-ahead forwards at w_1..w_(k-1) and the trusted forward at w_k
-    use batch statistics without updating them. Non-finite gradients skip the step (counted
-    in `skipped`).
+    --mix-clean (the reference code's default `hmlc_K_mix`; off here, as the spec and paper
+    state G): the trusted batch is split in halves; the second joins G with its labels,
+    G = (B·G_noisy + b·CE(f_w(x^c_2), y^c_2)) / (B + b), in the look-ahead and the real step, and
+    F uses the first half only.
+
+    BatchNorm: only the forwards at w (the noisy batch, and the trusted half with --mix-clean:
+    the real update's forwards) update the running statistics; the look-ahead forwards at
+    w_1..w_(k-1) and the trusted forward at w_k use batch statistics without updating them.
+    Non-finite gradients skip the step (counted in `skipped`).
 
     Per-step stats: upper_loss (F(w_k)), hypergrad_sq (‖∇_α F‖²), skipped. The loss is G(w, α)."""
 
     name = "mlc"
     summary = "meta label correction: meta model trained by the exact k-step look-ahead hypergradient"
     paper = "Zheng, Awadallah & Dumais, Meta Label Correction for Noisy Label Learning, AAAI 2021"
-    options = (inner_steps_option(1),) + meta_options(False)
+    options = (
+        inner_steps_option(1),
+        Option(
+            "mix_clean", bool, False,
+            "the reference code's default (hmlc_K_mix): half of each trusted batch joins the lower loss with its labels, the other half is the meta batch",
+        ),
+    ) + meta_options(False)
     presets = paper_presets("mlc")
 
-    def __init__(self, ctx, inner_steps: int, **meta):
+    def __init__(self, ctx, inner_steps: int, mix_clean: bool, **meta):
         check_inner_steps(inner_steps)
         super().__init__(ctx, **meta)
         self.inner_steps = inner_steps
+        self.mix_clean = mix_clean
         self.lookahead_sgd = FunctionalSGD(self.opt, self.named)
 
     def train_step(self, batch, clean):
@@ -74,16 +89,33 @@ class MetaLabelCorrection(LabelCorrectionMethod):
 
     def gradients(self, batch, clean):
         """(G(w, α), ∇_w G(w, α), F(w_k), ∇_α F(w_k(α))) for one step; updates BN running
-        statistics through the real forward only."""
-        logits, feats = self.model(batch.x, return_features=True)  # the real forward
+        statistics through the real forward(s) at w only."""
+        meta_batch, mixed = clean, None
+        if self.mix_clean:
+            half = len(clean) // 2
+            meta_batch = Batch(clean.x[:half], clean.y[:half], clean.index[:half])
+            mixed = Batch(clean.x[half:], clean.y[half:], clean.index[half:])
+
+        logits, feats = self.model(batch.x, return_features=True)  # the real forward(s)
         targets = self.meta.probs(feats.detach(), batch.y)
-        lower = soft_cross_entropy(logits, targets)
+        lower = self._lower_loss(logits, targets, mixed, self.model)
         grads = torch.autograd.grad(lower, self.params, create_graph=True)
 
         params, buffers = self.lookahead_sgd.step(self.named, dict(zip(self.named, grads)))
         for _ in range(self.inner_steps - 1):
-            step_loss = soft_cross_entropy(functional_forward(self.model, params, batch.x), targets)
+            forward = partial(functional_forward, self.model, params)
+            step_loss = self._lower_loss(forward(batch.x), targets, mixed, forward)
             params, buffers = self.lookahead_sgd.step(params, grads_dict(step_loss, params, create_graph=True), buffers)
-        upper = F.cross_entropy(functional_forward(self.model, params, clean.x), clean.y)
+        upper = F.cross_entropy(functional_forward(self.model, params, meta_batch.x), meta_batch.y)
         hypergrad = torch.autograd.grad(upper, self.meta_params)
         return lower, grads, upper, hypergrad
+
+    @staticmethod
+    def _lower_loss(logits, targets, mixed, forward):
+        """G on the noisy batch; with --mix-clean, the per-example average with the CE of the
+        trusted half `mixed` (run through `forward`)."""
+        loss = soft_cross_entropy(logits, targets)
+        if mixed is None:
+            return loss
+        n, m = len(logits), len(mixed)
+        return (n * loss + m * F.cross_entropy(forward(mixed.x), mixed.y)) / (n + m)
