@@ -138,6 +138,7 @@ def _train_command():
     @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
     @click.option("--track-examples", type=int, default=None, help="Weight trajectories stored for per-example-weight methods (default 500).")
+    @click.option("--track-per-epoch", type=int, default=None, help="Points per epoch of those trajectories (default 4; early phases happen within epoch 1).")
     @click.option("--download/--no-download", default=None, help="Fetch missing datasets through torchvision when it is installed.")
     @click.option("--verify-checksums/--no-verify-checksums", default=None, help="Check official files against their known checksums (default on).")
     @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/METHOD-DATASET-NOISE-seedS).")

@@ -148,3 +148,60 @@ def test_auroc_matches_pairwise_definition_with_ties():
     pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
     assert auroc(scores, positive) == pytest.approx(float(pairwise), abs=1e-12)
     assert auroc(scores, torch.ones(60, dtype=torch.bool)) is None
+
+
+@pytest.fixture
+def weighted_method():
+    """A registered method with per-example weights that drift with every step."""
+
+    @register
+    class Drifting(Method):
+        name = "test-drifting-weights"
+        summary = "test only"
+
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.model = self.track("model", ctx.build_model())
+            self.weights = self.track("weights", torch.full((ctx.n_train,), 0.5))
+
+        def train_step(self, batch, clean):
+            clean_mask = (batch.y == batch.y_true).float()
+            self.weights[batch.index] = (self.weights[batch.index] + 0.05 * (2 * clean_mask - 1)).clamp(0, 1)
+            return StepOutput(loss=torch.nn.functional.cross_entropy(self.model(batch.x), batch.y).detach())
+
+        def eval_model(self):
+            return self.model
+
+        def example_weights(self):
+            return self.weights
+
+    yield Drifting.name
+    del _REGISTRY[Drifting.name]
+
+
+def test_weight_trajectories_and_weight_metrics(tmp_path, weighted_method):
+    import numpy as np
+
+    cfg = _cfg(method=weighted_method, noise="sym50", epochs=2, track_examples=50, track_per_epoch=3)
+    summary = train(cfg, tmp_path / "run")
+    with np.load(tmp_path / "run" / "weights.npz") as data:
+        traj, when = data["trajectories"], data["trajectory_epochs"]
+        assert traj.shape == (1 + 2 * 3, 50)
+        assert when[0] == 0.0 and when[-1] == 2.0 and np.all(np.diff(when) > 0)
+        assert np.all(traj[0] == 0.5)
+        final, noisy = data["final_weights"], data["is_noisy"]
+        np.testing.assert_array_equal(traj[-1], final[data["tracked_index"]])
+        np.testing.assert_array_equal(data["tracked_is_noisy"], noisy[data["tracked_index"]])
+    records = _metrics(tmp_path / "run")
+    assert records[-1]["weight_mean_clean"] > 0.5 > records[-1]["weight_mean_noisy"]
+    assert summary["weight_auroc_last"] == pytest.approx(1.0)
+
+
+def test_selection_ignores_epochs_a_method_excludes(tmp_path, monkeypatch):
+    from nrcore.methods.ce import CrossEntropy
+
+    monkeypatch.setattr(CrossEntropy, "counts_for_selection", lambda self, epoch: epoch >= 2)
+    summary = train(_cfg(method="ce", noise="sym50", epochs=3), tmp_path / "run")
+    records = _metrics(tmp_path / "run")
+    assert [r.get("selectable", True) for r in records] == [False, False, True]
+    assert summary["best_val_epoch"] == 3 and summary["test_acc_max"] == records[2]["test_acc"]

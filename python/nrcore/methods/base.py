@@ -220,6 +220,12 @@ class Method:
         """The epoch the learning-rate schedule sees (methods with phases may remap it)."""
         return epoch
 
+    def counts_for_selection(self, epoch: int) -> bool:
+        """Whether the model after `epoch` (0-based) is a result of this method, i.e. a candidate
+        for best-validation selection and `test_acc_max`. Phased methods return False for their
+        warm-up phase (e.g. GLC's plain noisy-label model)."""
+        return True
+
     def num_epochs(self, epochs: int) -> int:
         """How many trainer epochs a run of `epochs` takes (phased methods may need more)."""
         return epochs

@@ -216,9 +216,10 @@ def plot_weight_trajectories(run: Run, label: str, path: Path) -> Optional[Path]
     with np.load(run.weights_file) as data:
         if "trajectories" not in data:
             return None
-        traj = np.asarray(data["trajectories"], dtype=float)  # [epochs + 1, k]
+        traj = np.asarray(data["trajectories"], dtype=float)  # [T, k]
         noisy = np.asarray(data["tracked_is_noisy"], dtype=bool)
-    epochs = np.arange(traj.shape[0])
+        # fractional epochs of each row (several per epoch); older runs stored one row per epoch
+        epochs = np.asarray(data["trajectory_epochs"], dtype=float) if "trajectory_epochs" in data else np.arange(traj.shape[0])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     # noisy first so the (usually fewer) clean lines stay visible on top
     for mask, color in ((noisy, NOISY_COLOR), (~noisy, CLEAN_COLOR)):

@@ -44,6 +44,7 @@ class TrainConfig:
     download: bool = False
     verify_checksums: bool = True
     track_examples: int = 500  # per-example-weight methods: how many weight trajectories to store
+    track_per_epoch: int = 4  # ... and how many times per epoch (early phases happen within epoch 1)
     method_options: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -170,7 +171,7 @@ def validate(cfg: TrainConfig) -> None:
 
     for name in ("epochs", "batch_size", "eval_batch_size", "lr", "clean_batch_size"):
         positive(name, getattr(cfg, name))
-    for name in ("momentum", "weight_decay", "val_size", "track_examples"):
+    for name in ("momentum", "weight_decay", "val_size", "track_examples", "track_per_epoch"):
         positive(name, getattr(cfg, name), allow_zero=True)
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")

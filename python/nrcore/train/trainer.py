@@ -11,7 +11,8 @@ RUN_DIR:
     checkpoint.pt          everything needed to resume after the last finished epoch
     labels/...             the noisy labels and splits of this run (from nrcore.data)
     weights.npz            per-example-weight methods: trajectories of a fixed random subset
-                           (clean and noisy marked) and the final weights of every example
+                           (clean and noisy marked; `--track-per-epoch` points per epoch at
+                           fractional epochs `trajectory_epochs`) and every example's final weight
     <method files>         whatever the method saves at the end (see its docstring)
 
 Determinism: each epoch reseeds the global RNG and the data-order generators from
@@ -115,6 +116,7 @@ class Trainer:
 
         self.history: List[Dict[str, Any]] = []
         self.trajectory: List[torch.Tensor] = []
+        self.trajectory_epochs: List[float] = []
         start_epoch = 0
         if self.resume:
             start_epoch = self._restore()
@@ -170,6 +172,7 @@ class Trainer:
         trainer = state["trainer"]
         self.history = list(trainer["history"])
         self.trajectory = list(trainer["trajectory"])
+        self.trajectory_epochs = list(trainer["trajectory_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
         return int(state["epoch"])
 
@@ -182,8 +185,10 @@ class Trainer:
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "tracked-examples"))
         k = min(self.cfg.track_examples, n)
         self.tracked_index = torch.randperm(n, generator=g)[:k].sort().values
+        self.tracked_index = self.tracked_index.to(weights.device)
         if not self.trajectory:  # weights before the first step
-            self.trajectory.append(weights.detach()[self.tracked_index.to(weights.device)].float().cpu())
+            self.trajectory.append(weights.detach()[self.tracked_index].float().cpu())
+            self.trajectory_epochs.append(0.0)
 
     # ------------------------------------------------------------------------------------
     def _clean_batches(self, epoch: int) -> Optional[Iterator]:
@@ -218,6 +223,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         stat_sums: Dict[str, torch.Tensor] = {}
         steps = examples = 0
+        n_steps = len(loader)
+        snapshots: List[tuple] = []  # (fractional epoch, tracked weights on device): no sync in the loop
+        track = self.tracked_index is not None and self.cfg.track_per_epoch > 0
         t0 = time.perf_counter()
         for batch in loader:
             clean = next(clean_batches) if clean_batches is not None else None
@@ -228,6 +236,8 @@ class Trainer:
                 stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
             steps += 1
             examples += len(batch)
+            if track and (steps * cfg.track_per_epoch) // n_steps > ((steps - 1) * cfg.track_per_epoch) // n_steps:
+                snapshots.append((epoch + steps / n_steps, method.example_weights().detach()[self.tracked_index].float().clone()))
             if steps % NONFINITE_CHECK_EVERY == 0 or self.progress.due():
                 running = loss_sum.item()  # the one host sync, every few steps
                 self._check_finite(running, epoch, steps)
@@ -259,8 +269,11 @@ class Trainer:
         if weights is not None:
             known = task.train.true_labels >= 0  # rows without a known true label (e.g. Clothing1M) cannot be scored
             record.update(weight_stats(weights[known.to(weights.device)], task.train.is_noisy[known]))
-            if self.tracked_index is not None:
-                self.trajectory.append(weights.detach()[self.tracked_index.to(weights.device)].float().cpu())
+            for when, tracked in snapshots:
+                self.trajectory_epochs.append(when)
+                self.trajectory.append(tracked.cpu())
+        if not method.counts_for_selection(epoch):
+            record["selectable"] = False
         record["eval_seconds"] = time.perf_counter() - t_eval
         self.history.append(record)
 
@@ -291,7 +304,7 @@ class Trainer:
             "epoch": epochs_done,
             "config": self.cfg.to_dict(),
             "method": self.method.state_dict(),
-            "trainer": {"history": self.history, "trajectory": self.trajectory},
+            "trainer": {"history": self.history, "trajectory": self.trajectory, "trajectory_epochs": self.trajectory_epochs},
             "rng": {"torch": torch.get_rng_state()},
         }
         save_checkpoint(self.run_dir, state)
@@ -304,19 +317,21 @@ class Trainer:
         is_noisy = self.task.train.is_noisy.cpu().numpy()
         arrays = {"final_weights": weights.detach().float().cpu().numpy(), "is_noisy": is_noisy}
         if self.tracked_index is not None:
-            idx = self.tracked_index.numpy()
+            idx = self.tracked_index.cpu().numpy()
             arrays.update(
                 tracked_index=idx,
                 tracked_is_noisy=is_noisy[idx],
-                trajectories=torch.stack(self.trajectory).numpy(),  # [epochs + 1, k]; row 0: before training
+                trajectories=torch.stack(self.trajectory).numpy(),  # [T, k]; row 0: before training
+                trajectory_epochs=np.asarray(self.trajectory_epochs),  # [T] fractional epochs, 0 = before training
             )
         atomic_write_bytes(self.run_dir / "weights.npz", lambda f: np.savez(f, **arrays))
 
     def _write_summary(self, status: str) -> Dict[str, Any]:
         cfg, h, task = self.cfg, self.history, self.task
         last = h[-1] if h else {}
+        results = [r for r in h if r.get("selectable", True)]  # phased methods: only their own epochs
         best = None
-        for r in h:
+        for r in results:
             if r.get("val_acc") is not None and (best is None or r["val_acc"] > best["val_acc"]):
                 best = r
         train_seconds = sum(r["seconds"] for r in h)
@@ -337,7 +352,7 @@ class Trainer:
             "test_acc_best_val": best["test_acc"] if best else None,
             "best_val_epoch": best["epoch"] if best else None,
             "val_acc_best": best["val_acc"] if best else None,
-            "test_acc_max": max((r["test_acc"] for r in h), default=None),
+            "test_acc_max": max((r["test_acc"] for r in results), default=None),
             "test_acc_max_note": "maximum test accuracy over epochs, for comparison with papers that report it; selecting on test data is not a valid result",
             "weight_auroc_last": last.get("weight_auroc"),
             "seconds_per_epoch": train_seconds / len(h) if h else None,
