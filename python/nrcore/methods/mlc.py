@@ -93,6 +93,8 @@ class MetaLabelCorrection(LabelCorrectionMethod):
         meta_batch, mixed = clean, None
         if self.mix_clean:
             half = len(clean) // 2
+            if half == 0:
+                raise ValueError("--mix-clean needs trusted batches of at least 2 examples")
             meta_batch = Batch(clean.x[:half], clean.y[:half], clean.index[:half])
             mixed = Batch(clean.x[half:], clean.y[half:], clean.index[half:])
 
