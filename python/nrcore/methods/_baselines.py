@@ -126,8 +126,6 @@ class TransitionCorrection(Method):
     `estimate_transition()`. Changing `--epochs` when resuming moves the phase boundary: don't.
     """
 
-    phased: bool = True
-
     def __init__(self, ctx, phased: bool, initial_transition: Optional[torch.Tensor] = None):
         super().__init__(ctx)
         self.phased = phased
@@ -279,7 +277,7 @@ class TwoNetworkSelection(Method):
             raise ValueError(f"--num-gradual must be >= 0, got {num_gradual}")
         self.num_gradual = num_gradual
         self.forget_exponent = forget_exponent
-        self.epoch_forget_rate = 0.0
+        self.epoch, self.epoch_forget_rate = 0, 0.0  # set by start_epoch
 
     def scheduled_optimizers(self):
         return [self.opt1, self.opt2]
