@@ -1,0 +1,321 @@
+"""Pieces the reweighting methods share (`meta`, `fbr`, `fbr-ntk`, `l2rw`, `mwnet`); not a
+method itself (`_` modules are not registered). See docs/methods-reweighting.md.
+
+* `ReweightingMethod`: one model, its SGD optimiser and a persistent per-example weight vector
+  `[n_train]` in [0, 1] that the trainer logs (means, AUROC, trajectories).
+* `Lookahead`: the one-step pseudo update `θ'(w) = θ - S ∇θ (1/B) Σ_i w_i l_i(θ) + c`, either
+  plain SGD at the current learning rate (`S = η`, the FBR paper's Section 2 and L2RW) or the
+  real optimiser's rule with momentum and weight decay (Meta-Weight-Net).
+* `MetaGradient`: `∂L_val(θ'(w)) / ∂w_i` for a noisy batch, where `L_val` is the mean
+  cross-entropy of a clean batch at `θ'`. Two ways, same number:
+
+    autograd  differentiate through the pseudo update (double backprop; the reference, as in
+              the L2RW and MW-Net code);
+    tangent   `θ'` is affine in `w`, so `∂L_val/∂w_i = -(1/B) <∇θ l_i(θ), S ∇θ L_val(θ')>`
+              exactly: one backward of the noisy batch recording each layer's inputs and output
+              gradients, one forward+backward of the clean batch at `θ'`, and one per-example
+              gradient/vector product (`nrcore.ops.tangent_dot`), no second derivatives.
+
+BatchNorm. The real forward of the noisy batch is the only one that updates running
+statistics, and the real step is always the exact autograd gradient of the weighted loss
+through that forward; look-ahead forwards of the clean batch use batch statistics on throw-away
+buffers (`functional_forward`). The autograd path differentiates through the batch statistics.
+The tangent path's per-example gradients `G_i = Σ_t g_i[t] a_i[t]^T` take `g_i` from the batch's
+joint backward through the native BatchNorm (`JointBatchNormRecorder`): exact per example on
+models without BatchNorm or with BatchNorm in eval mode (the tests check both against autograd),
+and in train mode a decomposition whose sum over the batch is the exact batch gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
+from nrcore.methods.base import Method, MethodContext
+
+HYPERGRAD_MODES = ("tangent", "autograd")
+
+
+def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy of each example [B] (half-precision logits are upcast to float32)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+@torch.no_grad()
+def split_features(model: nn.Module, task, split: str, batch_size: int, device) -> tuple:
+    """Penultimate features [N, d] and labels [N] of a whole split, in order, without
+    augmentation. The model runs in train mode (batch statistics of each batch, as in the
+    training forward) on throw-away BatchNorm buffers, so running statistics stay untouched."""
+    named = trainable_params(model)
+    feats, labels = [], []
+    for batch in task.loader(split, batch_size, device=device):
+        feats.append(functional_forward(model, named, batch.x, return_features=True)[1])
+        labels.append(batch.y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def weighted_update(optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
+    """The real update `θ <- opt(θ, ∇θ (1/B) Σ_i w_i l_i)` by autograd (`Σ_i w_i l_i` with
+    `mean=False`, for weights that already sum to one); returns that loss, detached."""
+    weighted = weights.detach() * losses
+    loss = weighted.mean() if mean else weighted.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class ReweightingMethod(Method):
+    """Base of the reweighting family: the main model, its optimiser (the run's SGD settings,
+    on the trainer's schedule) and `weights`, a persistent tensor [n_train] in [0, 1] indexed by
+    `Batch.index`, saved in checkpoints and exposed through `example_weights()`."""
+
+    needs_clean = True
+    initial_weight: ClassVar[float] = 0.5
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.model = self.track("model", ctx.build_model())
+        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
+        self.weights = self.track("weights", torch.full((ctx.n_train,), float(self.initial_weight), device=ctx.device))
+
+    def scheduled_optimizers(self):
+        return [self.opt]
+
+    def eval_model(self):
+        return self.model
+
+    def example_weights(self):
+        return self.weights
+
+
+class Lookahead:
+    """The pseudo update `θ'(w) = θ - S ⊙ g(w) + c` with `g(w) = ∇θ (1/B) Σ_i w_i l_i(θ)`.
+
+    rule "sgd":       `θ' = θ - η g` with η the current learning rate of each parameter's group
+                      (momentum and weight decay ignored): the FBR paper's Section 2, L2RW.
+    rule "optimizer": the real optimiser's step (`FunctionalSGD`: momentum from its buffers,
+                      dampening, Nesterov, weight decay), optimiser state untouched: MW-Net.
+
+    Either way `θ'` is affine in `g` with a scalar slope `S_p` per parameter (`grad_scale`)."""
+
+    RULES = ("sgd", "optimizer")
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, rule: str = "sgd"):
+        if rule not in self.RULES:
+            raise ValueError(f"look-ahead rule must be one of {self.RULES}, got {rule!r}")
+        self.rule = rule
+        self.named = trainable_params(model)
+        self.sgd = FunctionalSGD(optimizer, self.named)  # also resolves each parameter's group
+
+    def step(self, grads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.rule == "optimizer":
+            return self.sgd.step(dict(self.named), grads)[0]
+        return {n: p - self.sgd.groups[n]["lr"] * grads[n] for n, p in self.named.items()}
+
+    def grad_scale(self) -> Dict[str, float]:
+        """`S_p = -∂θ'_p / ∂g_p` (a Python float per parameter; no device work)."""
+        scales = {}
+        for name, group in self.sgd.groups.items():
+            lr, momentum = group["lr"], group["momentum"]
+            if self.rule == "sgd" or not momentum:
+                scales[name] = lr
+                continue
+            has_buffer = self.sgd.optimizer.state.get(self.named[name], {}).get("momentum_buffer") is not None
+            slope = (1 - group["dampening"]) if has_buffer else 1.0  # first step: buf = d_p
+            scales[name] = lr * (1 + momentum * slope if group["nesterov"] else slope)
+        return scales
+
+
+# ---- per-example gradients from one backward (nrcore.ops recorder) ---------------------------
+
+
+def joint_batchnorm_recorder(model: nn.Module, layers=None):
+    """`nrcore.ops.PerSampleGradRecorder` that leaves train-mode BatchNorm's forward alone.
+
+    The ops recorder swaps every train-mode BatchNorm output for one whose backward treats the
+    batch statistics as constants. Training through that graph (the real step) loses the part of
+    the gradient that BatchNorm normalises away: on digits `meta` fell to chance test accuracy
+    after one epoch while the same run with exact gradients reached 84%. Here a BatchNorm layer
+    records its normalised input and the gradient at its native output, so the real step can
+    back-propagate the very same forward exactly, and the recorded `g_i` come from the batch's
+    joint backward (their per-example products sum to the exact batch gradient)."""
+    from nrcore.ops import recorder as ops_recorder
+
+    class JointBatchNormRecorder(ops_recorder.PerSampleGradRecorder):
+        def _bn_hook(self, layer):
+            def hook(module, inputs, output):
+                if layer is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    return None
+                batch_stats = ops_recorder._batch_stats_mode(module)
+                running = (None, None) if batch_stats else (module.running_mean, module.running_var)
+                xhat = F.batch_norm(inputs[0].detach(), *running, training=batch_stats, momentum=0.0, eps=module.eps)
+                use = ops_recorder._Use(xhat, 0, None)
+                layer.uses.append(use)
+                self._watch_grad(use, output)  # before any in-place op on `output`
+                return None
+
+            return hook
+
+    return JointBatchNormRecorder(model, layers)
+
+
+PER_EXAMPLE_BUDGET_BYTES = 256 << 20  # explicit per-example gradients of one batch kept at most
+
+
+class ExampleGradients:
+    """Per-example gradients `G_i = ∇θ l_i` of one recorded forward/backward (through
+    `nrcore.ops.PerSampleGradRecorder`), contracted as often as a step needs:
+    `dots(directions) -> [B, k]` (`<G_i, D_k>`) and `weighted_sum(w) -> Σ_i w_i G_i`.
+
+    When the explicit per-example gradients fit in PER_EXAMPLE_BUDGET_BYTES they are formed once
+    and every contraction is one matrix product (a meta step contracts them twice: pseudo update
+    and hypergradient; FBR-NTK's clean statistics C + 1 times); otherwise each contraction goes
+    through the recorder (`nrcore.ops.tangent_dot`, per-layer weight gradients) without forming
+    them."""
+
+    def __init__(self, recorder, batch: int):
+        self.recorder = recorder
+        numel = sum(p.numel() for p in recorder.parameters.values())
+        element = next(iter(recorder.parameters.values())).element_size()
+        self.explicit = None
+        if batch * numel * element <= PER_EXAMPLE_BUDGET_BYTES:
+            self.explicit = {n: g.reshape(batch, -1) for n, g in recorder.per_sample_grads().items()}
+
+    def dots(self, directions: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, k]: `<G_i, D_k>` for k directions stacked per parameter name ([k, *shape])."""
+        if self.explicit is None:
+            return self.recorder.dot_many(directions)
+        out = None
+        for name, grads in self.explicit.items():
+            part = grads @ directions[name].reshape(directions[name].shape[0], -1).to(grads.dtype).T
+            out = part if out is None else out + part
+        return out
+
+    def weighted_sum(self, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """`Σ_i w_i G_i` per parameter name; `weights` [B], or [k, B] for k sums at once
+        (then each value is [k, *shape])."""
+        if weights.dim() == 2:
+            sums = [self.weighted_sum(row) for row in weights] if self.explicit is None else None
+            if sums is not None:
+                return {n: torch.stack([s[n] for s in sums]) for n in sums[0]}
+            return {n: (weights.to(g.dtype) @ g).view(weights.shape[0], *self.recorder.parameters[n].shape) for n, g in self.explicit.items()}
+        if self.explicit is None:
+            return self.recorder.weighted_sum(weights)
+        return {n: (weights.to(g.dtype) @ g).view_as(self.recorder.parameters[n]) for n, g in self.explicit.items()}
+
+    def sq_norms(self) -> torch.Tensor:
+        """[B]: `|G_i|²`."""
+        if self.explicit is None:
+            return self.recorder.kernel().diagonal()
+        return sum(g.pow(2).sum(1) for g in self.explicit.values())
+
+
+def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=None, retain_graph: bool = False) -> tuple:
+    """Run `out = forward(x)` (default: the recorder's model) and one backward of `values_fn(out).sum()` under `recorder`, where
+    `values_fn` gives one value per example (its loss, or `r·f(x)` for tangent features), so
+    `G_i = ∇θ values_i`; returns (out, values, ExampleGradients). `retain_graph` keeps the graph
+    for a later backward of `out`. The backward asks for the gradient at each recorded layer's input (its
+    weights only where the input is data), so no other weight gradient is computed."""
+    targets = []
+    recorded = {id(p) for p in recorder.parameters.values()}
+
+    def note_input(module, inputs):
+        if inputs[0].requires_grad:
+            targets.append(inputs[0])
+        else:
+            targets.extend(p for p in module.parameters(recurse=False) if id(p) in recorded)
+
+    model = recorder.model
+    hooks = [m.register_forward_pre_hook(note_input) for m in model.modules() if any(id(p) in recorded for p in m.parameters(recurse=False))]
+    try:
+        with recorder.record():
+            out = (forward or model)(x)
+            values = values_fn(out)
+            torch.autograd.grad(values.sum(), targets, retain_graph=retain_graph, allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, values, ExampleGradients(recorder, x.shape[0])
+
+
+# ---- the hypergradient of a one-step look-ahead ---------------------------------------------
+
+
+@dataclass
+class NoisyForward:
+    """The real (train-mode) forward of a noisy batch: per-example losses with their graph and,
+    on the tangent path, their per-example gradients."""
+
+    logits: torch.Tensor
+    losses: torch.Tensor
+    example_grads: Optional[ExampleGradients] = None
+
+
+class MetaGradient:
+    """`∂L_val(θ'(w)) / ∂w_i` of a one-step look-ahead, and the real step after it (see the
+    module docstring). Per training step:
+
+        fwd = mg.forward(x, y)                            # the real forward (BN running stats: once)
+        h, val_loss = mg.hypergradient(fwd, w, xv, yv)
+        loss = mg.step(fwd, new_w)                        # θ <- opt(θ, ∇θ (1/B) Σ_i new_w_i l_i)
+
+    On the tangent path the pseudo update and the per-example dots contract the same per-example
+    gradients of one backward of the noisy batch; the real step back-propagates that forward
+    again (exactly, with the new weights)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "tangent"):
+        if mode not in HYPERGRAD_MODES:
+            raise ValueError(f"hypergradient mode must be one of {HYPERGRAD_MODES}, got {mode!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.lookahead = Lookahead(model, optimizer, rule)
+        self.mode = mode
+        # every trainable parameter, or it raises
+        self.recorder = joint_batchnorm_recorder(model) if mode == "tangent" else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
+        if self.recorder is None:
+            logits = self.model(x)
+            return NoisyForward(logits, per_example_ce(logits, y))
+        logits, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True)
+        return NoisyForward(logits, losses, grads)
+
+    def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):
+        """(∂L_val/∂w [B], clean loss at θ' (detached)). `at_zero`: the weights are all zero, so
+        with the plain-SGD rule θ' = θ and no pseudo update is formed (L2RW)."""
+        if self.mode == "autograd":
+            return self._autograd(fwd, weights, clean_x, clean_y)
+        batch = fwd.losses.shape[0]
+        if at_zero and self.lookahead.rule == "sgd":
+            shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.named.items()}
+        else:
+            pseudo = fwd.example_grads.weighted_sum(weights.detach() / batch)
+            shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.step(pseudo).items()}
+        val_loss = per_example_ce(functional_forward(self.model, shifted, clean_x), clean_y, "mean")
+        val_grad = grads_dict(val_loss, shifted)
+        scale = self.lookahead.grad_scale()
+        direction = {n: (scale[n] * val_grad[n])[None] for n in val_grad}
+        hypergrad = fwd.example_grads.dots(direction)[:, 0] / -batch
+        return hypergrad, val_loss.detach()
+
+    def _autograd(self, fwd: NoisyForward, weights, clean_x, clean_y):
+        w = weights.detach().clone().requires_grad_(True)
+        inner = (w * fwd.losses).mean()
+        grads = grads_dict(inner, self.lookahead.named, create_graph=True)
+        shifted = self.lookahead.step(grads)
+        val_loss = per_example_ce(functional_forward(self.model, shifted, clean_x), clean_y, "mean")
+        (hypergrad,) = torch.autograd.grad(val_loss, w, retain_graph=True)  # keep the noisy graph for the real step
+        return hypergrad, val_loss.detach()
+
+    def step(self, fwd: NoisyForward, weights: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
+        """The real update `θ <- opt(θ, ∇θ (1/B) Σ_i w_i l_i)` through the noisy forward's graph
+        (`Σ_i w_i l_i` with `mean=False`, for weights that already sum to one)."""
+        return weighted_update(self.optimizer, fwd.losses, weights, mean=mean)

@@ -1,0 +1,46 @@
+"""Learning to Reweight Examples (Ren, Zeng, Yang, Urtasun, ICML 2018).
+
+Per step, weights are made afresh from the hypergradient at zero weights: with
+`θ'(ε) = θ - lr ∇θ (1/|B|) Σ_i ε_i l_i(θ)` and the clean loss `L_val(θ'(ε))`,
+
+    u_i = -∂L_val/∂ε_i |ε=0  ∝  <∇θ l_i(θ), ∇θ L_val(θ)>      (θ'(0) = θ: no look-ahead forward)
+    w_i = max(u_i, 0) / Σ_k max(u_k, 0)     (all zero when no example helps)
+    θ  <- SGD(θ, ∇θ Σ_i w_i l_i(θ))
+
+Exposed per-example weight (`example_weights`, in [0, 1]): the latest batch-relative weight each
+example received, `w_i / max_k w_k` over its batch (1 = the most useful example of its batch,
+0 = dropped); 1 before an example has been seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nrcore.methods._reweighting import HYPERGRAD_MODES, MetaGradient, ReweightingMethod
+from nrcore.methods.base import Option, StepOutput, register
+
+
+@register
+class LearningToReweight(ReweightingMethod):
+    name = "l2rw"
+    summary = "Learning to Reweight: per-batch weights from the clipped, normalised hypergradient at zero weights"
+    paper = "Ren et al., ICML 2018"
+    options = (
+        Option("hypergrad", HYPERGRAD_MODES, "tangent", "hypergradient: per-example tangent dot (exact, fast) or autograd through the pseudo step"),
+    )
+    initial_weight = 1.0
+
+    def __init__(self, ctx, hypergrad):
+        super().__init__(ctx)
+        self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad)
+
+    def train_step(self, batch, clean):
+        fwd = self.metagrad.forward(batch.x, batch.y)
+        zeros = torch.zeros_like(fwd.losses)
+        hypergrad, val_loss = self.metagrad.hypergradient(fwd, zeros, clean.x, clean.y, at_zero=True)
+        useful = (-hypergrad).clamp_min(0.0)
+        total, top = useful.sum(), useful.max()
+        weights = torch.where(total > 0, useful / total.clamp_min(torch.finfo(useful.dtype).tiny), useful)
+        self.weights[batch.index] = torch.where(top > 0, useful / top.clamp_min(torch.finfo(useful.dtype).tiny), useful)
+        loss = self.metagrad.step(fwd, weights, mean=False)
+        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "kept": (useful > 0).float().mean()})
