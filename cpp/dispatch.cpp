@@ -1,5 +1,6 @@
 // Baseline-ISA support code: the CPU kernel table for this machine, threads, scratch memory.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -30,11 +31,8 @@ bool cpu_has(const char* level) {
   return false;
 }
 
-const CpuKernels& select_kernels() {
-  // NRCORE_CPU_ISA=base|v3|v4 caps the level (to test the fallbacks); it never raises it past
-  // what the CPU supports.
-  const char* cap_env = std::getenv("NRCORE_CPU_ISA");
-  std::string cap = cap_env ? cap_env : "v4";
+// `cap` (base|v3|v4) caps the level; it never raises it past what the CPU supports.
+const CpuKernels& select_kernels(const std::string& cap) {
 #if defined(NRCORE_HAVE_ISA_V4)
   if (cap == "v4" && cpu_has("v4")) return v4::kernel_table();
 #endif
@@ -52,9 +50,19 @@ constexpr size_t kMaxPooledBytes = size_t(32) << 20;  // bigger buffers go strai
 
 }  // namespace
 
-const CpuKernels& cpu_kernels() {
-  static const CpuKernels& table = select_kernels();
-  return table;
+namespace {
+const CpuKernels* initial_kernels() {
+  const char* cap = std::getenv("NRCORE_CPU_ISA");  // e.g. to run a whole program on the fallbacks
+  return &select_kernels(cap ? cap : "v4");
+}
+std::atomic<const CpuKernels*> g_kernels{initial_kernels()};
+}  // namespace
+
+const CpuKernels& cpu_kernels() { return *g_kernels.load(std::memory_order_relaxed); }
+
+const char* set_cpu_isa(const std::string& cap) {
+  g_kernels.store(&select_kernels(cap));
+  return cpu_kernels().isa;
 }
 
 void run_parallel(int workers, int64_t n, void (*body)(void*, int64_t, int64_t), void* ctx) {

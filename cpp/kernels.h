@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace nrcore {
 
@@ -135,8 +136,10 @@ struct CpuKernels {
   int (*barrier_combine)(const BarrierCombineArgs&);
 };
 
-// The kernels of the best ISA level this CPU supports (dispatch.cpp).
+// The kernels of the best ISA level this CPU supports (dispatch.cpp), capped by the environment
+// variable NRCORE_CPU_ISA=base|v3|v4 at import or by set_cpu_isa (tests compare the levels).
 const CpuKernels& cpu_kernels();
+const char* set_cpu_isa(const std::string& cap);
 
 // Defined once per ISA level in table.cpp, e.g. nrcore::v3::kernel_table().
 namespace base { const CpuKernels& kernel_table(); }

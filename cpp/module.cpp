@@ -60,7 +60,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
-  m.attr("cpu_isa") = cpu_kernels().isa;
+  m.def("cpu_isa", [] { return std::string(cpu_kernels().isa); }, "ISA level of the active CPU kernels");
+  m.def("set_cpu_isa", &nrcore::set_cpu_isa, py::arg("cap"),
+        "Use the best CPU kernels up to `cap` (base, v3, v4) that this CPU runs; returns the level chosen.");
 
   m.def("fbr_prepare",
         [](int device, uintptr_t stream, int dtype, int64_t mm, int64_t d, int64_t C, uintptr_t feats, int64_t rs,

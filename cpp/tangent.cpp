@@ -46,7 +46,7 @@ struct Side {
   View<T> act_rows(int64_t b0) const { return {acts + b0 * a_sb, T_ == 1 ? a_sb : a_st, a_sp}; }
   View<T> grad_rows(int64_t b0) const { return {grads + b0 * g_sb, T_ == 1 ? g_sb : g_st, g_sq}; }
   // Examples per ghost block: as many as fit kGhostRows rows, or one if rows are not flat.
-  int64_t block(int64_t limit_rows) const { return flat() ? max64(1, limit_rows / T_) : 1; }
+  int64_t block(int64_t limit_rows) const { return T_ > 0 && flat() ? max64(1, limit_rows / T_) : 1; }
 };
 
 // G_b = sum_t g_b[t] a_b[t]^T for examples [b0, b1) into dst[(b - b0) * q * p ...].

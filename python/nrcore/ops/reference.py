@@ -127,7 +127,7 @@ def fbr_direction_literal(
         K = K - shift[:, None]
     if label_sign:
         same = labels[:, None] == clean_labels[None, :]
-        mask = torch.where(same, lambda_pos, -_lambda_neg(num_classes, lambda_neg)).to(K.dtype)
+        mask = torch.where(same, K.new_tensor(lambda_pos), K.new_tensor(-_lambda_neg(num_classes, lambda_neg)))
     else:
         mask = torch.full_like(K, lambda_pos)
     return (mask * K).sum(1)

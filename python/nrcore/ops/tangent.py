@@ -95,7 +95,7 @@ def tangent_dot(acts: Tensor, grads: Tensor, direction: Tensor, *, strategy: str
     code = _strategy(op, strategy)
     single = direction.dim() == 2
     D = (direction[None] if single else direction).contiguous()
-    if acts.numel() == 0 or grads.numel() == 0 or D.shape[0] == 0:
+    if acts.shape[0] == 0 or D.shape[0] == 0:  # empty output (empty sums, T = 0, go to the kernel)
         out = acts.new_zeros(acts.shape[0], D.shape[0], dtype=B.acc_dtype(acts.dtype))
     else:
         out = _tangent_dot_op(acts, grads, D, code)
@@ -149,6 +149,6 @@ def tangent_kernel(acts_a: Tensor, grads_a: Tensor, acts_b: Tensor, grads_b: Ten
         )
     V.same_device(op, acts_a=acts_a, grads_a=grads_a, acts_b=acts_b, grads_b=grads_b)
     code = _strategy(op, strategy)
-    if min(acts_a.numel(), grads_a.numel(), acts_b.numel(), grads_b.numel()) == 0:
+    if acts_a.shape[0] == 0 or acts_b.shape[0] == 0:
         return acts_a.new_zeros(acts_a.shape[0], acts_b.shape[0], dtype=B.acc_dtype(acts_a.dtype))
     return _tangent_kernel_op(acts_a, grads_a, acts_b, grads_b, code)

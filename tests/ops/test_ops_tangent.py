@@ -1,0 +1,297 @@
+"""tangent_dot / tangent_kernel vs the twin (both contraction strategies, layouts, shapes) and
+PerSampleGradRecorder vs torch.func per-example gradients (vmap(grad))."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from nrcore import ops
+from nrcore.ops import reference as ref
+
+SHAPES = [  # B, T, p, q, k, M, S
+    (1, 1, 1, 1, 1, 1, 1),
+    (7, 1, 13, 5, 1, 4, 1),  # nn.Linear
+    (6, 9, 8, 4, 3, 5, 9),
+    (3, 20, 30, 7, 2, 2, 11),  # T != S
+    (40, 16, 36, 16, 11, 30, 16),  # conv-like, k = C + 1
+    (300, 1, 70, 10, 1, 260, 1),  # several ghost blocks / threads
+]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tangent_ops_match_twin(device, dtype, layout, relayout, check_close, gen, strategy, shape):
+    B, T, p, q, k, M, S = shape
+    make = lambda *s: relayout(torch.randn(*s, generator=gen).to(device=device, dtype=dtype), layout)  # noqa: E731
+    acts, grads, D = make(B, T, p), make(B, T, q), make(k, q, p)
+    acts_b, grads_b = make(M, S, p), make(M, S, q)
+    got = ops.tangent_dot(acts, grads, D, strategy=strategy)
+    assert got.shape == (B, k)
+    check_close(got, ref.tangent_dot(acts, grads, D), dtype, scale=(T * p * q) ** 0.5 * 4)
+    single = ops.tangent_dot(acts, grads, D[0], strategy=strategy)
+    assert single.shape == (B,)
+    check_close(single, got[:, 0], dtype, scale=(T * p * q) ** 0.5 * 4)
+    K = ops.tangent_kernel(acts, grads, acts_b, grads_b, strategy=strategy)
+    assert K.shape == (B, M)
+    check_close(K, ref.tangent_kernel(acts, grads, acts_b, grads_b), dtype, scale=(T * S * p * q) ** 0.5 * 4)
+
+
+def test_tangent_explicit_chunks_beyond_the_memory_budget(gen):
+    """q*p above the explicit path's per-chunk budget: one example per chunk, side b recomputed."""
+    B, T, p, q = 3, 2, 2100, 2050
+    acts, grads = torch.randn(B, T, p, generator=gen), torch.randn(B, T, q, generator=gen)
+    D = torch.randn(2, q, p, generator=gen)
+    a64, g64 = acts.double(), grads.double()  # float32 sums of 4M terms: compare with the exact answer
+    scale = (T * p * q) ** 0.5 * 4
+    got = ops.tangent_dot(acts, grads, D, strategy="explicit").double()
+    torch.testing.assert_close(got, ref.tangent_dot(a64, g64, D.double()), rtol=1e-4, atol=1e-4 * scale)
+    K = ops.tangent_kernel(acts, grads, acts[:2], grads[:2], strategy="explicit").double()
+    torch.testing.assert_close(K, ref.tangent_kernel(a64, g64, a64[:2], g64[:2]), rtol=1e-5, atol=1e-4 * T * scale)
+
+
+def test_tangent_empty_dims_give_zeros():
+    assert ops.tangent_dot(torch.zeros(0, 3, 4), torch.zeros(0, 3, 2), torch.zeros(2, 4)).shape == (0,)
+    torch.testing.assert_close(ops.tangent_dot(torch.ones(2, 0, 4), torch.ones(2, 0, 2), torch.ones(2, 4)), torch.zeros(2))
+    torch.testing.assert_close(ops.tangent_kernel(torch.ones(2, 0, 4), torch.ones(2, 0, 2), torch.ones(3, 1, 4), torch.ones(3, 1, 2)), torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# PerSampleGradRecorder vs torch.func
+# ---------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(12, 16), nn.Linear(16, 8, bias=False), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(torch.relu_(self.fc1(x)))))  # in-place ReLU on a recorded output
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 5, 3, dilation=2, padding=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.conv3 = nn.Conv2d(5, 4, (2, 3), stride=(1, 2), padding="valid")
+        self.fc = nn.Linear(4 * 4 * 2, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.relu(self.conv3(x)).flatten(1))
+
+
+def torch_func_per_sample(model, x, y, names=None):
+    """{name: [B, *shape]} per-example gradients of cross-entropy via vmap(grad)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, (p, buffers), (xi[None],)), yi[None])
+
+    out = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return {n: g for n, g in out.items() if names is None or n in names}
+
+
+def record(model, x, y, layers=None):
+    rec = ops.PerSampleGradRecorder(model, layers)
+    with rec.record():
+        F.cross_entropy(model(x), y, reduction="none").sum().backward()
+    return rec
+
+
+def flat(grads, names):
+    return torch.cat([grads[n].flatten(1) for n in names], 1)
+
+
+@pytest.mark.parametrize("make_model,shape", [(MLP, (12,)), (SmallCNN, (3, 9, 10))], ids=["mlp", "cnn"])
+def test_recorder_matches_torch_func(device, make_model, shape):
+    torch.manual_seed(0)
+    model = make_model().double().to(device).eval()  # BatchNorm in eval mode: exact per-example gradients
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics and affine parameters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(7, *shape, dtype=torch.float64, device=device)
+    y = torch.randint(0, 5, (7,), device=device)
+    expected = torch_func_per_sample(model, x, y)
+    names = list(expected)
+    rec = record(model, x, y)
+    assert sorted(rec.parameters) == sorted(names)
+    got = rec.per_sample_grads()
+    for n in names:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+    G = flat(expected, names)
+
+    direction = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    want = G @ flat({n: d[None] for n, d in direction.items()}, names)[0]
+    torch.testing.assert_close(rec.dot(direction), want, rtol=1e-9, atol=1e-10)
+    by_param = {p: direction[n] for n, p in model.named_parameters()}
+    torch.testing.assert_close(rec.dot(by_param), want, rtol=1e-9, atol=1e-10)
+
+    dirs = [{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
+    want_many = torch.stack([G @ flat({n: d[None] for n, d in dd.items()}, names)[0] for dd in dirs], 1)
+    torch.testing.assert_close(rec.dot_many(dirs), want_many, rtol=1e-9, atol=1e-10)
+    stacked = {n: torch.stack([dd[n] for dd in dirs]) for n in names}
+    torch.testing.assert_close(rec.dot_many(stacked), want_many, rtol=1e-9, atol=1e-10)
+
+    torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-9, atol=1e-10)
+    x2, y2 = torch.randn(4, *shape, dtype=torch.float64, device=device), torch.randint(0, 5, (4,), device=device)
+    rec2 = record(model, x2, y2)
+    G2 = flat(torch_func_per_sample(model, x2, y2), names)
+    torch.testing.assert_close(rec.kernel(rec2), G @ G2.T, rtol=1e-9, atol=1e-10)
+
+    w = torch.rand(7, dtype=torch.float64, device=device)
+    summed = rec.weighted_sum(w)
+    for n in names:
+        torch.testing.assert_close(summed[n], torch.einsum("b,b...->...", w, expected[n]), rtol=1e-9, atol=1e-12)
+
+
+def test_recorder_float32_uses_compiled_products():
+    torch.manual_seed(1)
+    model = SmallCNN().eval()
+    x, y = torch.randn(9, 3, 9, 10), torch.randint(0, 5, (9,))
+    expected = torch_func_per_sample(model, x, y)
+    names = list(expected)
+    G = flat(expected, names)
+    rec = record(model, x, y)
+    torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-4, atol=1e-4 * float(G.norm(dim=1).max()) ** 2)
+
+
+def test_recorder_subset_of_layers_and_containers():
+    from nrcore.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet32", (3, 8, 8), 10).double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = [model.layer3[4], model.classifier]
+    for m in chosen:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    rec = record(model, x, y, layers=chosen)
+    names = sorted(rec.parameters)
+    assert names == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    expected = torch_func_per_sample(model, x, y, names)
+    got = rec.per_sample_grads()
+    for n in names:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+    G = flat(expected, names)
+    torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-9, atol=1e-12)
+
+
+def test_recorder_train_mode_batchnorm_holds_batch_statistics_constant():
+    """Train-mode BatchNorm: g_i is the gradient of l_i with the batch statistics held fixed,
+    i.e. eval-mode BatchNorm whose running statistics are the batch's."""
+    torch.manual_seed(0)
+    model = SmallCNN().double().train()
+    x, y = torch.randn(6, 3, 9, 10, dtype=torch.float64), torch.randint(0, 5, (6,))
+    frozen, plain = copy.deepcopy(model), copy.deepcopy(model)
+    plain(x)  # one ordinary training forward, to compare running statistics with
+    stats = {}
+
+    def grab(name):
+        def hook(module, inputs, output):
+            var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
+            stats[name] = (mean.detach(), var.detach())
+
+        return hook
+
+    handles = [m.register_forward_hook(grab(n)) for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    frozen(x)
+    for h in handles:
+        h.remove()
+    for n, m in frozen.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(stats[n][0])
+            m.running_var.copy_(stats[n][1])
+    frozen.eval()
+    expected = torch_func_per_sample(frozen, x, y)
+    rec = record(model, x, y)
+    got = rec.per_sample_grads()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+        # the backward ran in the same convention: .grad is the sum of the per-example gradients
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, expected[n].sum(0), rtol=1e-9, atol=1e-12)
+    # the recorded forward updated the running statistics exactly as an ordinary one does
+    for (n, buf), (_, want) in zip(model.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_recorder_shared_layer_and_sequence_inputs():
+    """A Linear applied twice (weight sharing) and a Linear on [B, L, in] inputs."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):  # x: [B, L, 4]
+            return self.head(self.lin(torch.tanh(self.lin(x))).mean(1))
+
+    torch.manual_seed(0)
+    model = Shared().double()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    expected = torch_func_per_sample(model, x, y)
+    names = list(expected)
+    rec = record(model, x, y)
+    got = rec.per_sample_grads()
+    for n in names:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+    G = flat(expected, names)
+    torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-9, atol=1e-12)
+    d = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    torch.testing.assert_close(rec.dot(d), G @ flat({n: v[None] for n, v in d.items()}, names)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_recorder_errors():
+    with pytest.raises(ValueError, match=r"emb\.weight \(Embedding\)"):
+        ops.PerSampleGradRecorder(nn.Sequential(nn.Linear(3, 3), nn.ModuleDict({"emb": nn.Embedding(4, 3)})))
+    with pytest.raises(ValueError, match=r"'0'.*groups=2"):
+        ops.PerSampleGradRecorder(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    with pytest.raises(TypeError, match=r"'1' \(LayerNorm\) is not supported"):
+        model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+        ops.PerSampleGradRecorder(model, layers=[model[1]])
+    with pytest.raises(ValueError, match="no submodule named 'nope'"):
+        ops.PerSampleGradRecorder(nn.Linear(2, 2), layers=["nope"])
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    rec = ops.PerSampleGradRecorder(model)
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        rec.dot({})
+    x = torch.randn(5, 3)
+    with rec.record():
+        model(x).sum().backward()
+    with pytest.raises(ValueError, match="not a recorded parameter"):
+        rec.dot({"2.weight": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match=r"direction\['1.weight'\] has shape \(4, 2\)"):
+        rec.dot({"1.weight": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="weights must be a"):
+        rec.weighted_sum(torch.ones(3))
+    # recorded parameters missing from a direction count as zero
+    d = torch.randn(2, 4)
+    torch.testing.assert_close(rec.dot({"1.weight": d}), rec.per_sample_grads()["1.weight"].flatten(1) @ d.flatten())
+    model2 = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    rec2 = ops.PerSampleGradRecorder(model2)
+    inp = torch.randn(4, 3)
+    with rec2.record():
+        h = model2[0](inp)
+        out = model2[1](h)
+        out.sum().backward()
+    with torch.no_grad():
+        h.add_(1.0)  # in-place edit of a recorded input
+    with pytest.raises(RuntimeError, match="modified in place"):
+        rec2.per_sample_grads()
