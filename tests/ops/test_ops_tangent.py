@@ -295,3 +295,24 @@ def test_recorder_errors():
         h.add_(1.0)  # in-place edit of a recorded input
     with pytest.raises(RuntimeError, match="modified in place"):
         rec2.per_sample_grads()
+
+
+def test_recorder_joint_batchnorm_keeps_the_training_graph():
+    """batchnorm='joint': BatchNorm's backward is untouched (.grad equals an ordinary backward's)
+    and the recorded per-example slices sum to that batch gradient."""
+    torch.manual_seed(0)
+    model = SmallCNN().double().train()
+    x, y = torch.randn(6, 3, 9, 10, dtype=torch.float64), torch.randint(0, 5, (6,))
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y, reduction="none").sum().backward()
+    rec = ops.PerSampleGradRecorder(model, batchnorm="joint")
+    with rec.record():
+        F.cross_entropy(model(x), y, reduction="none").sum().backward()
+    per_example = rec.per_sample_grads()
+    G = torch.cat([per_example[n].flatten(1) for n in sorted(per_example)], 1)
+    torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-9, atol=1e-10)
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+        torch.testing.assert_close(per_example[n].sum(0), q.grad, rtol=1e-9, atol=1e-12, msg=n)
+    with pytest.raises(ValueError, match="batchnorm must be 'constant' or 'joint'"):
+        ops.PerSampleGradRecorder(model, batchnorm="frozen")

@@ -20,12 +20,16 @@ groups=1, padding_mode='zeros') and affine BatchNorm1d/2d/3d, biases included. F
 Conv2d the products go through nrcore.ops.tangent_dot / tangent_kernel (ghost or explicit per
 layer, by cost); BatchNorm's per-example gradients are small and formed explicitly.
 
-BatchNorm in train mode couples the examples of a batch through its statistics. While recording,
-every BatchNorm of the model that normalises with batch statistics treats them as constants in
-the backward (forward values are unchanged, running statistics update once as usual), so g_i is
-exactly the gradient of l_i with the batch statistics held fixed (methods.md); the parameters'
-.grad from that backward is sum_i g_i under the same convention. In eval mode (running
-statistics) nothing changes and g_i is the exact per-example gradient.
+BatchNorm in train mode couples the examples of a batch through its statistics; `batchnorm`
+chooses how the recording treats that (eval-mode BatchNorm uses running statistics, couples
+nothing, and both give the exact per-example gradient):
+  "constant" (default, methods.md): while recording, every BatchNorm of the model that normalises
+      with batch statistics treats them as constants in the backward (forward values unchanged,
+      running statistics updated once as usual), so g_i is exactly the gradient of l_i with the
+      batch statistics held fixed, and the parameters' .grad from that backward is sum_i g_i.
+  "joint": BatchNorm's forward and backward are left alone; g_i is example i's slice of the
+      batch's joint backward (the g_i sum to the exact batch gradient, but g_i is not the
+      gradient of l_i alone). Use it when the same graph also drives the real training step.
 
 layers=None records every supported layer with trainable parameters and raises if the model has
 trainable parameters elsewhere (they would be silently missing from every product); pass an
@@ -118,10 +122,15 @@ def _batch_stats_mode(bn: _BatchNorm) -> bool:
 class PerSampleGradRecorder:
     """Records inputs and output gradients of chosen layers; see the module docstring."""
 
-    def __init__(self, model: nn.Module, layers: Optional[Sequence[Union[nn.Module, str]]] = None):
+    def __init__(
+        self, model: nn.Module, layers: Optional[Sequence[Union[nn.Module, str]]] = None, *, batchnorm: str = "constant"
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleGradRecorder: model must be an nn.Module, got {type(model).__name__}")
+        if batchnorm not in ("constant", "joint"):
+            raise ValueError(f"PerSampleGradRecorder: batchnorm must be 'constant' or 'joint', got {batchnorm!r}")
         self.model = model
+        self.batchnorm = batchnorm
         names = {id(m): n for n, m in model.named_modules()}
         modules = dict(model.named_modules())
         chosen: List[Tuple[str, nn.Module]] = []
@@ -236,17 +245,20 @@ class PerSampleGradRecorder:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return None
             batch_stats = _batch_stats_mode(module)
-            if layer is None and not batch_stats:
-                return None  # eval-mode BatchNorm that is not recorded: nothing couples examples
+            constant = batch_stats and self.batchnorm == "constant"
+            if layer is None and not constant:
+                return None  # nothing to record and no backward to change
             x = inputs[0]
             shape = [1, -1] + [1] * (x.dim() - 2)
             new_output = None
-            if batch_stats:
+            if constant:
                 dims = [0] + list(range(2, x.dim()))
                 var, mean = torch.var_mean(x.detach(), dim=dims, unbiased=False, keepdim=True)
                 # Same values, but the backward treats the batch statistics as constants.
                 xhat = (x - mean) * torch.rsqrt(var + module.eps)
                 new_output = xhat * module.weight.view(shape) + module.bias.view(shape) if module.affine else xhat
+            elif batch_stats:  # "joint": the native output stays; x̂ uses this batch's statistics
+                xhat = F.batch_norm(x.detach(), None, None, training=True, momentum=0.0, eps=module.eps)
             else:
                 xhat = (x.detach() - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
             if layer is not None:
