@@ -36,9 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
-from nrcore.methods.base import Method, MethodContext
+from nrcore.methods.base import Method, MethodContext, Option
 
 HYPERGRAD_MODES = ("tangent", "autograd")
+HYPERGRAD_OPTION = Option(
+    "hypergrad", HYPERGRAD_MODES, "tangent",
+    "hypergradient: per-example gradients dotted with the look-ahead clean gradient (no second derivatives), or autograd through the pseudo update",
+)
 
 
 def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
@@ -48,6 +52,14 @@ def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
+def split_batches(task, split: str, batch_size: int, device):
+    """A whole split in order, without augmentation, in batches of about `batch_size` and as
+    equal as possible (so a train-mode BatchNorm never normalises a last batch of one example)."""
+    n = len(task.split(split))
+    count = -(-n // batch_size)
+    return task.loader(split, -(-n // count), device=device)
+
+
 @torch.no_grad()
 def split_features(model: nn.Module, task, split: str, batch_size: int, device) -> tuple:
     """Penultimate features [N, d] and labels [N] of a whole split, in order, without
@@ -55,7 +67,7 @@ def split_features(model: nn.Module, task, split: str, batch_size: int, device) 
     training forward) on throw-away BatchNorm buffers, so running statistics stay untouched."""
     named = trainable_params(model)
     feats, labels = [], []
-    for batch in task.loader(split, batch_size, device=device):
+    for batch in split_batches(task, split, batch_size, device):
         feats.append(functional_forward(model, named, batch.x, return_features=True)[1])
         labels.append(batch.y)
     return torch.cat(feats), torch.cat(labels)
@@ -219,11 +231,12 @@ class ExampleGradients:
 
 
 def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=None, retain_graph: bool = False) -> tuple:
-    """Run `out = forward(x)` (default: the recorder's model) and one backward of `values_fn(out).sum()` under `recorder`, where
-    `values_fn` gives one value per example (its loss, or `r·f(x)` for tangent features), so
-    `G_i = ∇θ values_i`; returns (out, values, ExampleGradients). `retain_graph` keeps the graph
-    for a later backward of `out`. The backward asks for the gradient at each recorded layer's input (its
-    weights only where the input is data), so no other weight gradient is computed."""
+    """Run `out = forward(x)` (default: the recorder's model) and one backward of
+    `values_fn(out).sum()` under `recorder`, where `values_fn` gives one value per example (its
+    loss, or `r·f(x)` for tangent features), so `G_i = ∇θ values_i`; returns (out, values,
+    ExampleGradients). `retain_graph` keeps the graph for a later backward of `out`. The backward
+    asks for the gradient at each recorded layer's input (at its weights only where the input is
+    data), so no other weight gradient is computed."""
     targets = []
     recorded = {id(p) for p in recorder.parameters.values()}
 
@@ -254,7 +267,6 @@ class NoisyForward:
     """The real (train-mode) forward of a noisy batch: per-example losses with their graph and,
     on the tangent path, their per-example gradients."""
 
-    logits: torch.Tensor
     losses: torch.Tensor
     example_grads: Optional[ExampleGradients] = None
 
@@ -283,10 +295,9 @@ class MetaGradient:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
         if self.recorder is None:
-            logits = self.model(x)
-            return NoisyForward(logits, per_example_ce(logits, y))
-        logits, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True)
-        return NoisyForward(logits, losses, grads)
+            return NoisyForward(per_example_ce(self.model(x), y))
+        _, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True)
+        return NoisyForward(losses, grads)
 
     def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):
         """(∂L_val/∂w [B], clean loss at θ' (detached)). `at_zero`: the weights are all zero, so

@@ -34,7 +34,7 @@ from torch import nn
 
 from nrcore import ops
 from nrcore.methods._functional import functional_forward, trainable_params
-from nrcore.methods._reweighting import joint_batchnorm_recorder, per_example_ce, record_example_gradients, weighted_update
+from nrcore.methods._reweighting import joint_batchnorm_recorder, per_example_ce, record_example_gradients, split_batches, weighted_update
 from nrcore.methods.base import Option, StepOutput, register
 from nrcore.methods.fbr import FBR_OPTIONS, FeatureReweightingBase
 
@@ -96,7 +96,7 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         C, task, device = self.ctx.num_classes, self.ctx.task, self.ctx.device
         named = trainable_params(self.model)
         sums, sq_norms, counts = None, torch.zeros((), dtype=torch.float64, device=device), torch.zeros(C, dtype=torch.int64, device=device)
-        for batch in task.loader("clean", self.ctx.batch_size, device=device):
+        for batch in split_batches(task, "clean", self.ctx.batch_size, device):
             _, _, grads = record_example_gradients(
                 self.recorder, batch.x, lambda out: out @ self.signs, forward=lambda x: functional_forward(self.model, named, x)
             )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from nrcore.methods._reweighting import HYPERGRAD_MODES, MetaGradient, ReweightingMethod
-from nrcore.methods.base import Option, StepOutput, register
+from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
+from nrcore.methods.base import StepOutput, register
 
 
 @register
@@ -26,7 +26,7 @@ class LearningToReweight(ReweightingMethod):
     summary = "Learning to Reweight: per-batch weights from the clipped, normalised hypergradient at zero weights"
     paper = "Ren et al., ICML 2018"
     options = (
-        Option("hypergrad", HYPERGRAD_MODES, "tangent", "hypergradient: per-example tangent dot (exact, fast) or autograd through the pseudo step"),
+        HYPERGRAD_OPTION,
     )
     initial_weight = 1.0
 

@@ -21,7 +21,7 @@ tangent path treats batch statistics as constants (see nrcore.methods._reweighti
 
 from __future__ import annotations
 
-from nrcore.methods._reweighting import HYPERGRAD_MODES, MetaGradient, ReweightingMethod
+from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
 from nrcore.methods.base import Option, StepOutput, register
 
 
@@ -32,7 +32,7 @@ class MetaReweighting(ReweightingMethod):
     paper = "Zhang, Holtz, Mishne, Cloninger, arXiv 2510.12209 (2025)"
     options = (
         Option("beta", float, 1.0, "weight step per unit of gradient alignment (α = β/η)"),
-        Option("hypergrad", HYPERGRAD_MODES, "tangent", "hypergradient: per-example tangent dot (exact, fast) or autograd through the pseudo step"),
+        HYPERGRAD_OPTION,
     )
 
     def __init__(self, ctx, beta, hypergrad):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nrcore.methods._reweighting import HYPERGRAD_MODES, MetaGradient, ReweightingMethod
+from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
 from nrcore.methods.base import Option, StepOutput, register
 
 
@@ -43,7 +43,7 @@ class MetaWeightNet(ReweightingMethod):
     summary = "Meta-Weight-Net: an MLP maps each example's loss to its weight, learned by a one-step look-ahead"
     paper = "Shu et al., NeurIPS 2019"
     options = (
-        Option("hypergrad", HYPERGRAD_MODES, "tangent", "hypergradient: per-example tangent dot (exact, fast) or autograd through the pseudo step"),
+        HYPERGRAD_OPTION,
         Option("vnet_hidden", int, 100, "hidden units of the weighting net"),
         Option("vnet_lr", float, 1e-3, "Adam learning rate of the weighting net"),
         Option("vnet_weight_decay", float, 1e-4, "Adam weight decay of the weighting net"),
