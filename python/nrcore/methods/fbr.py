@@ -40,6 +40,11 @@ from nrcore import ops
 from nrcore.methods._reweighting import ReweightingMethod, per_example_ce, split_features, weighted_update
 from nrcore.methods.base import Option, StepOutput, register
 
+# FBR paper, App. D.1 (the FINE setup): ResNet-34, batch 128, SGD lr 0.02, momentum 0.9, weight
+# decay 5e-4, x0.1 at epochs 40/80/100 of 120; 2,000 clean examples for every dataset.
+PAPER_SETTING = dict(model="resnet34", epochs=120, batch_size=128, lr=0.02, momentum=0.9, weight_decay=5e-4,
+                     schedule="multistep", milestones=[40, 80, 100], gamma=0.1, clean_size=2000, clean_frac=None)
+
 FBR_OPTIONS = (
     Option("step_size", float, 1.0, "weight step size α (on the normalised direction unless --no-normalize)"),
     Option("lambda_pos", float, 1.0, "λ+: mask value for clean examples of the same label"),
@@ -67,7 +72,7 @@ class FeatureReweightingBase(ReweightingMethod):
         self.lambda_neg_end = lambda_neg_end
         self.center, self.row_shift, self.label_sign, self.normalize = center, row_shift, label_sign, normalize
         self.lambda_neg = self.lambda_neg_start
-        self.stats: Optional[object] = None
+        self.stats: Optional[ops.FBRStats] = None  # clean-set statistics of the current epoch
 
     def lambda_neg_at(self, epoch: int) -> float:
         if self.lambda_schedule == "constant" or self.ctx.epochs <= 1:
@@ -91,16 +96,7 @@ class FeatureBasedReweighting(FeatureReweightingBase):
     name = "fbr"
     summary = "Feature-Based Reweighting: label-signed, row-shifted centred feature similarity to the clean set (Alg. 1)"
     paper = "Zhang, Holtz, Mishne, Cloninger, arXiv 2510.12209 (2025)"
-    presets = {
-        # FBR paper, App. D.1 (the FINE setup): ResNet-34, batch 128, SGD 0.02, momentum 0.9,
-        # weight decay 5e-4, x0.1 at epochs 40/80/100 of 120; 2,000 clean examples.
-        "fbr-cifar10": dict(dataset="cifar10", model="resnet34", epochs=120, batch_size=128, lr=0.02, momentum=0.9,
-                            weight_decay=5e-4, schedule="multistep", milestones=[40, 80, 100], gamma=0.1,
-                            clean_size=2000, clean_frac=None),
-        "fbr-cifar100": dict(dataset="cifar100", model="resnet34", epochs=120, batch_size=128, lr=0.02, momentum=0.9,
-                             weight_decay=5e-4, schedule="multistep", milestones=[40, 80, 100], gamma=0.1,
-                             clean_size=2000, clean_frac=None),
-    }
+    presets = {"fbr-cifar10": dict(dataset="cifar10", **PAPER_SETTING), "fbr-cifar100": dict(dataset="cifar100", **PAPER_SETTING)}
 
     @torch.no_grad()
     def clean_statistics(self, epoch):

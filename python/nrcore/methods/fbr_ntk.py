@@ -26,7 +26,7 @@ through the same forward.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,11 @@ def _dot(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> torch.Tensor
     return sum((a[n].double() * b[n].double()).sum() for n in a)
 
 
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[C] -> [C, 1, ..., 1] to broadcast over a stacked [C, *shape] tensor."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
 @register
 class FeatureBasedReweightingNTK(FeatureReweightingBase):
     name = "fbr-ntk"
@@ -91,32 +96,41 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         g = self.ctx.generator(epoch, "fbr-ntk-signs")
         return (torch.randint(0, 2, (self.ctx.num_classes,), generator=g) * 2 - 1).float().to(self.ctx.device)
 
-    def clean_statistics(self, epoch):
-        self.signs = self._draw_signs(epoch)
-        C, task, device = self.ctx.num_classes, self.ctx.task, self.ctx.device
+    def _clean_class_sums(self):
+        """Per class c: Σ_{j: y_j = c} ψ_j over the trusted set ({name: [C, *shape]}), Σ_j |ψ_j|²
+        and the class counts. Train-mode BatchNorm on throw-away buffers, no augmentation."""
+        C, device = self.ctx.num_classes, self.ctx.device
         named = trainable_params(self.model)
         sums, sq_norms, counts = None, torch.zeros((), dtype=torch.float64, device=device), torch.zeros(C, dtype=torch.int64, device=device)
-        for batch in split_batches(task, "clean", self.ctx.batch_size, device):
+        for batch in split_batches(self.ctx.task, "clean", self.ctx.batch_size, device):
             _, _, grads = record_example_gradients(
                 self.recorder, batch.x, lambda out: out @ self.signs, forward=lambda x: functional_forward(self.model, named, x)
             )
-            onehot = F.one_hot(batch.y, C).T.to(torch.float32)
-            part = grads.weighted_sum(onehot)  # {name: [C, *shape]}: Σ_{j in batch, y_j = c} ψ_j
+            part = grads.weighted_sum(F.one_hot(batch.y, C).T.to(torch.float32))
             sums = part if sums is None else {n: sums[n] + part[n] for n in sums}
             sq_norms += grads.sq_norms().double().sum()
             counts += torch.bincount(batch.y, minlength=C)
+        return sums, sq_norms, counts
+
+    def clean_statistics(self, epoch):
+        """The FBR statistics of the tangent features, expressed in the (C+1)-dimensional space of
+        the scores `(ψ·M_1, ..., ψ·M_C, ψ·T)` (identity basis, projected mean)."""
+        self.signs = self._draw_signs(epoch)
+        C = self.ctx.num_classes
+        sums, sq_norms, counts = self._clean_class_sums()
         m = int(counts.sum())
         total = {n: s.sum(0) for n, s in sums.items()}  # Σ_j ψ_j
         mean = {n: t / m if self.center else torch.zeros_like(t) for n, t in total.items()}
+        per_class = counts.clamp_min(1).to(torch.float32)
         present = (counts > 0).to(torch.float32)
-        class_means = {n: (s / counts.clamp_min(1).view(-1, *[1] * (s.dim() - 1)) - mean[n]) * present.view(-1, *[1] * (s.dim() - 1)) for n, s in sums.items()}
-        residual = {n: total[n] - m * mean[n] for n in total}  # Σ_j (ψ_j - μ): zero when centred
+        class_means = {n: (s / _column(per_class, s) - mean[n]) * _column(present, s) for n, s in sums.items()}  # M_c; 0 if absent
+        residual = {n: total[n] - m * mean[n] for n in total}  # T = Σ_j (ψ_j - μ): zero when centred
         self.directions = {n: torch.cat([class_means[n], residual[n][None]]) for n in sums}
         projected_mean = torch.stack([_dot(mean, {n: d[k] for n, d in self.directions.items()}) for k in range(C + 1)]).float()
         # mean_j |ψ_j - μ|² = mean_j |ψ_j|² - 2 μ·mean_j ψ_j + |μ|²
         sq_norm_mean = float(sq_norms / m - 2 * _dot(mean, total) / m + _dot(mean, mean))
         return ops.FBRStats(
-            mean=projected_mean, basis_t=torch.eye(C + 1, device=device), counts=counts, num_classes=C, num_clean=m,
+            mean=projected_mean, basis_t=torch.eye(C + 1, device=self.ctx.device), counts=counts, num_classes=C, num_clean=m,
             num_present=int((counts > 0).sum()), sq_norm_mean=sq_norm_mean, center=self.center,
         )
 
