@@ -7,8 +7,9 @@ namespace nrcore {
 namespace NRCORE_ISA {
 namespace {
 
-// Blocking: KC x NR panels of B stay in L1/L2, MC x KC of A in L2.
-constexpr int64_t kKC = 256;
+// Blocking (BLIS): a KC x NR micro-panel of B (16 KiB: NR elements are two vectors) plus an
+// MR x KC one of A stay in L1 (32 KiB); MC x KC of A in L2.
+constexpr int64_t kKC = 16384 / (2 * kVecBytes);
 constexpr int64_t kMC = 120;   // a multiple of every MR below
 constexpr int64_t kNC = 2048;
 
@@ -76,10 +77,11 @@ void pack_b(int64_t kc, int64_t nc, View<T> B, const T* bsub, T* dst) {
   }
 }
 
-// MR x NR register tile: c (+)= a_panel * b_panel over kc.
+// MR x NR register tile: c (+)= a_panel * b_panel over kc. Row k of the B panel starts at
+// b + k * ldb (ldb = NR for a packed panel, the row stride when B is read in place).
 template <class T, int MR, int NV>
-inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c, int64_t ldc,
-                         bool accumulate, int64_t rows, int64_t cols) {
+inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, int64_t ldb, T* __restrict c,
+                         int64_t ldc, bool accumulate, int64_t rows, int64_t cols) {
   using Tl = Tiling<T, MR, NV>;
   using V = typename Tl::V;
   constexpr int L = Tl::L;
@@ -92,7 +94,7 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
   for (int64_t k = 0; k < kc; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * NR + v * L, sizeof(V));
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(V));
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       T ai = a[k * MR + i];
@@ -125,6 +127,68 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
     }
 }
 
+// micro_kernel with A gathered: element (i, k) of the tile is arow[i][koff[k]].
+template <class T, int MR, int NV>
+inline void micro_kernel_gather(int64_t kc, const T* const* __restrict arow, const int64_t* __restrict koff,
+                                const T* __restrict b, T* __restrict c, int64_t ldc, int64_t rows, int64_t cols) {
+  using Tl = Tiling<T, MR, NV>;
+  using V = typename Tl::V;
+  constexpr int L = Tl::L;
+  constexpr int NR = Tl::NR;
+  V acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * NR + v * L, sizeof(V));
+    const int64_t off = koff[k];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      T ai = arow[i][off];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  alignas(64) T tile[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) std::memcpy(tile + i * NR + v * L, &acc[i][v], sizeof(V));
+  for (int64_t i = 0; i < rows; ++i) {
+    T* dst = c + i * ldc;
+    for (int64_t j = 0; j < cols; ++j) dst[j] = tile[i * NR + j];
+  }
+}
+
+template <class T, int MR, int NV>
+void gemm_gathered(int64_t M, int64_t N, int64_t K, const T* base, const int64_t* row_off, const int64_t* k_off,
+                   View<T> B, T* C, int64_t ldc, T* scratch) {
+  using Tl = Tiling<T, MR, NV>;
+  constexpr int NR = Tl::NR;
+  if (M <= 0 || N <= 0) return;
+  T* bpack = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(T) * N);
+  // K is a handful of output positions for the layers this serves: one B block per KC rows.
+  for (int64_t pc = 0; pc < K; pc += kKC) {
+    const int64_t kc = min64(kKC, K - pc);
+    for (int64_t jc = 0; jc < N; jc += kNC) {
+      const int64_t nc = min64(kNC, N - jc);
+      pack_b<T, NR>(kc, nc, B.shifted(pc, jc), nullptr, bpack);
+      for (int64_t jr = 0; jr < nc; jr += NR)
+        for (int64_t ir = 0; ir < M; ir += MR) {
+          const T* arow[MR];
+          for (int i = 0; i < MR; ++i) arow[i] = base + row_off[ir + i < M ? ir + i : M - 1];  // extra rows discarded
+          alignas(64) T part[MR * NR];
+          const int64_t rows = min64(MR, M - ir), cols = min64(NR, nc - jr);
+          micro_kernel_gather<T, MR, NV>(kc, arow, k_off + pc, bpack + (jr / NR) * kc * NR, part, NR, rows, cols);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < cols; ++j) C[(ir + i) * ldc + jc + jr + j] += part[i * NR + j];
+        }
+    }
+  }
+}
+
 template <class T, int MR, int NV>
 int64_t scratch_elems(int64_t M, int64_t N, int64_t K) {
   using Tl = Tiling<T, MR, NV>;
@@ -148,22 +212,62 @@ void gemm_blocked(int64_t M, int64_t N, int64_t K, View<T> A, const T* asub, Vie
   T* bpack = scratch + round_up(min64(kMC, M), MR) * kc_max;
   // Keep the B panel 64-byte aligned for the vector loads.
   bpack = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(bpack) + 63) & ~uintptr_t(63));
+  // Full-width panels of a B whose rows are contiguous are read in place: packing them would
+  // cost as much as the multiply when K is short (per-example gradients: K = positions).
+  const bool direct_b = B.cs == 1 && bsub == nullptr;
   for (int64_t jc = 0; jc < N; jc += kNC) {
     int64_t nc = min64(kNC, N - jc);
     for (int64_t pc = 0; pc < K; pc += kKC) {
       int64_t kc = min64(kKC, K - pc);
       bool acc = accumulate || pc > 0;
-      pack_b<T, NR>(kc, nc, B.shifted(pc, jc), bsub ? bsub + pc : nullptr, bpack);
+      const int64_t packed_from = direct_b ? nc / NR * NR : 0;  // columns [packed_from, nc) are packed
+      if (packed_from < nc)
+        pack_b<T, NR>(kc, nc - packed_from, B.shifted(pc, jc + packed_from), bsub ? bsub + pc : nullptr, bpack);
       for (int64_t ic = 0; ic < M; ic += kMC) {
         int64_t mc = min64(kMC, M - ic);
         pack_a<T, MR>(mc, kc, A.shifted(ic, pc), asub ? asub + pc : nullptr, apack);
-        for (int64_t jr = 0; jr < nc; jr += NR)
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const bool in_place = jr < packed_from;
+          const T* b = in_place ? &B(pc, jc + jr) : bpack + ((jr - packed_from) / NR) * kc * NR;
+          const int64_t ldb = in_place ? B.rs : NR;
           for (int64_t ir = 0; ir < mc; ir += MR)
-            micro_kernel<T, MR, NV>(kc, apack + (ir / MR) * kc * MR, bpack + (jr / NR) * kc * NR,
-                                    C + (ic + ir) * ldc + jc + jr, ldc, acc, min64(MR, mc - ir), min64(NR, nc - jr));
+            micro_kernel<T, MR, NV>(kc, apack + (ir / MR) * kc * MR, b, ldb, C + (ic + ir) * ldc + jc + jr, ldc, acc,
+                                    min64(MR, mc - ir), min64(NR, nc - jr));
+        }
       }
     }
   }
+}
+
+// RB x CB block of dot products over k in [0, K) (vector accumulators, one reduction at the end).
+template <class T, int RB, int CB>
+inline void dot_block(int64_t K, const T* const* a, const T* const* b, T out[RB][CB]) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = kVecBytes / sizeof(T);
+  V acc[RB][CB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < CB; ++c) acc[r][c] = V{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V av[RB], bv[CB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) std::memcpy(&av[r], a[r] + k, sizeof(V));
+#pragma GCC unroll 8
+    for (int c = 0; c < CB; ++c) std::memcpy(&bv[c], b[c] + k, sizeof(V));
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < CB; ++c) acc[r][c] += av[r] * bv[c];
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < CB; ++c) {
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += acc[r][c][l];
+      for (int64_t kk = k; kk < K; ++kk) sum += a[r][kk] * b[c][kk];
+      out[r][c] = sum;
+    }
 }
 
 // Register budget: MR * NV accumulators + NV loads + 1 broadcast. Narrow problems (N no wider
@@ -191,6 +295,47 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, View<T> A, const T* asub, View
     gemm_blocked<T, kMRNarrow, 1>(M, N, K, A, asub, B, bsub, C, ldc, accumulate, scratch);
   else
     gemm_blocked<T, kMRWide, 2>(M, N, K, A, asub, B, bsub, C, ldc, accumulate, scratch);
+}
+
+template <class T>
+void gemm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+               bool accumulate, int nthreads) {
+  constexpr int RB = kVecRegs >= 32 ? 6 : 2, CB = 4;
+  // K in blocks that keep an RB + CB row slice in L1 and all of B's slice in L2.
+  constexpr int64_t kKB = 8192 / sizeof(T);
+  if (M <= 0 || N <= 0) return;
+  if (!accumulate)
+    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(T) * N);
+  const int64_t row_blocks = (M + RB - 1) / RB;
+  const int64_t per_block = RB * N * (K > 0 ? K : 1);
+  int64_t grain = per_block >= (int64_t(1) << 20) ? 1 : (int64_t(1) << 20) / per_block + 1;
+  parallel_for(row_blocks, nthreads, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+      const int64_t kb = min64(kKB, K - k0);
+      for (int64_t rb = lo; rb < hi; ++rb) {
+        const int64_t i0 = rb * RB;
+        const T* a[RB];
+        for (int r = 0; r < RB; ++r) a[r] = A + min64(i0 + r, M - 1) * lda + k0;  // clamp: extra rows discarded
+        for (int64_t j0 = 0; j0 < N; j0 += CB) {
+          const T* b[CB];
+          for (int c = 0; c < CB; ++c) b[c] = B + min64(j0 + c, N - 1) * ldb + k0;
+          T out[RB][CB];
+          dot_block<T, RB, CB>(kb, a, b, out);
+          for (int r = 0; r < RB && i0 + r < M; ++r)
+            for (int c = 0; c < CB && j0 + c < N; ++c) C[(i0 + r) * ldc + j0 + c] += out[r][c];
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void gemm_gather_a(int64_t M, int64_t N, int64_t K, const T* base, const int64_t* row_off, const int64_t* k_off,
+                   View<T> B, T* C, int64_t ldc, T* scratch) {
+  if (use_narrow<T>(N))
+    gemm_gathered<T, kMRNarrow, 1>(M, N, K, base, row_off, k_off, B, C, ldc, scratch);
+  else
+    gemm_gathered<T, kMRWide, 2>(M, N, K, base, row_off, k_off, B, C, ldc, scratch);
 }
 
 template <class T>
@@ -225,6 +370,14 @@ template void gemm_serial<float>(int64_t, int64_t, int64_t, View<float>, const f
                                  float*, int64_t, bool, float*);
 template void gemm_serial<double>(int64_t, int64_t, int64_t, View<double>, const double*, View<double>,
                                   const double*, double*, int64_t, bool, double*);
+template void gemm_rows<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                               bool, int);
+template void gemm_rows<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*,
+                                int64_t, bool, int);
+template void gemm_gather_a<float>(int64_t, int64_t, int64_t, const float*, const int64_t*, const int64_t*, View<float>,
+                                   float*, int64_t, float*);
+template void gemm_gather_a<double>(int64_t, int64_t, int64_t, const double*, const int64_t*, const int64_t*,
+                                    View<double>, double*, int64_t, double*);
 template int64_t gemm_scratch_elems<float>(int64_t, int64_t, int64_t);
 template int64_t gemm_scratch_elems<double>(int64_t, int64_t, int64_t);
 

@@ -61,5 +61,20 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, View<T> A, const T* asub, View
 template <class T>
 int64_t gemm_scratch_elems(int64_t M, int64_t N, int64_t K);
 
+// C[i * ldc + j] = (accumulate ? C : 0) + sum_k A[i * lda + k] * B[j * ldb + k] for row-major A, B
+// with contiguous rows: register-blocked dot products, no packing. For long K and a small output
+// (contracting per-example gradients with a few directions or with each other), where packing
+// would move as many bytes as the multiply reads.
+template <class T>
+void gemm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+               bool accumulate, int nthreads);
+
+// C = A B where A(i, k) = base[row_off[i] + k_off[k]]: a separable gather read straight from
+// memory by the micro-kernel, no packing (im2col of a padded image: row = (c, ki, kj),
+// column = output position). Single-threaded; scratch as for gemm_serial.
+template <class T>
+void gemm_gather_a(int64_t M, int64_t N, int64_t K, const T* base, const int64_t* row_off, const int64_t* k_off,
+                   View<T> B, T* C, int64_t ldc, T* scratch);
+
 }  // namespace NRCORE_ISA
 }  // namespace nrcore

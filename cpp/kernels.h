@@ -99,6 +99,42 @@ struct TangentKernelArgs {
   int nthreads;
 };
 
+// A Conv2d layer's input x [B, C, H, W] (element strides sb, sc, sh, sw) and geometry: its
+// im2col patches are the `acts` of the tangent ops, T = out_h * out_w, p = C * kh * kw, in
+// F.unfold's (c, i, j) order. The kernels gather them per example instead of materialising them.
+struct ConvGeometry {
+  int64_t channels, height, width, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, out_h, out_w;
+  int64_t sb, sc, sh, sw;
+};
+
+// Explicit per-example gradients G_i^T = patches_i^T grads_i ([p, q]) of a Conv2d layer.
+struct ConvTangentDotArgs {
+  int dtype;
+  int64_t batch, q, k;
+  const void* x;
+  ConvGeometry geom;
+  const void* grads;            // [B, q, T]: (b, j, t) at b * grads_sb + j * grads_sq + t * grads_st
+  int64_t grads_sb, grads_sq, grads_st;
+  const void* direction_t;      // [k, p, q] contiguous (the direction transposed to G_i^T's layout)
+  void* out;                    // [B, k] contiguous
+  int nthreads;
+};
+
+struct ConvTangentKernelArgs {
+  int dtype;
+  int64_t batch_a, batch_b, q;
+  const void* x_a;
+  ConvGeometry geom_a;
+  const void* grads_a;
+  int64_t grads_a_sb, grads_a_sq, grads_a_st;
+  const void* x_b;
+  ConvGeometry geom_b;
+  const void* grads_b;
+  int64_t grads_b_sb, grads_b_sq, grads_b_st;
+  void* out;                    // [B, M] contiguous
+  int nthreads;
+};
+
 // Flat dense tensors. The list pairs (grads_f[i], grads_q[i]) share a dtype and a layout.
 struct BarrierStatsArgs {
   int pair_dtype, alpha_dtype;
@@ -132,6 +168,8 @@ struct CpuKernels {
   int (*centered_gram)(const CenteredGramArgs&);
   int (*tangent_dot)(const TangentDotArgs&);
   int (*tangent_kernel)(const TangentKernelArgs&);
+  int (*conv_tangent_dot)(const ConvTangentDotArgs&);
+  int (*conv_tangent_kernel)(const ConvTangentKernelArgs&);
   int (*barrier_stats)(const BarrierStatsArgs&);
   int (*barrier_combine)(const BarrierCombineArgs&);
 };

@@ -51,6 +51,11 @@ std::vector<const void*> ptr_list(const std::vector<uintptr_t>& v) {
   return out;
 }
 
+nrcore::ConvGeometry conv_geometry(const std::vector<int64_t>& g) {
+  if (g.size() != 17) throw std::invalid_argument("conv geometry needs 17 integers");
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15], g[16]};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -120,6 +125,30 @@ PYBIND11_MODULE(_C, m) {
                                       ptr<const void>(grads_a), g1, g2, g3, ptr<const void>(acts_b), b1, b2, b3,
                                       ptr<const void>(grads_b), h1, h2, h3, ptr(out), strategy, nthreads};
           NRCORE_RUN(tangent_kernel, a, device, stream);
+        });
+
+  // Conv2d forms of the tangent ops (CPU; on CUDA nrcore.ops unfolds with torch and calls the
+  // generic kernels). geom: C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, out_h,
+  // out_w and x's strides (b, c, h, w).
+  m.def("conv_tangent_dot",
+        [](int dtype, int64_t B, int64_t q, int64_t k, uintptr_t x, const std::vector<int64_t>& geom, uintptr_t grads,
+           int64_t gsb, int64_t gsq, int64_t gst, uintptr_t direction_t, uintptr_t out, int nthreads) -> int {
+          nrcore::ConvTangentDotArgs a{dtype, B, q, k, ptr<const void>(x), conv_geometry(geom), ptr<const void>(grads),
+                                       gsb, gsq, gst, ptr<const void>(direction_t), ptr(out), nthreads};
+          py::gil_scoped_release nogil;
+          return cpu_kernels().conv_tangent_dot(a);
+        });
+
+  m.def("conv_tangent_kernel",
+        [](int dtype, int64_t B, int64_t M, int64_t q, uintptr_t x_a, const std::vector<int64_t>& geom_a,
+           uintptr_t grads_a, int64_t ga1, int64_t ga2, int64_t ga3, uintptr_t x_b, const std::vector<int64_t>& geom_b,
+           uintptr_t grads_b, int64_t gb1, int64_t gb2, int64_t gb3, uintptr_t out, int nthreads) -> int {
+          nrcore::ConvTangentKernelArgs a{dtype,  B,   M,   q,   ptr<const void>(x_a), conv_geometry(geom_a),
+                                          ptr<const void>(grads_a), ga1, ga2, ga3, ptr<const void>(x_b),
+                                          conv_geometry(geom_b), ptr<const void>(grads_b), gb1, gb2, gb3, ptr(out),
+                                          nthreads};
+          py::gil_scoped_release nogil;
+          return cpu_kernels().conv_tangent_kernel(a);
         });
 
   m.def("barrier_stats",

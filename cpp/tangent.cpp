@@ -49,17 +49,95 @@ struct Side {
   int64_t block(int64_t limit_rows) const { return T_ > 0 && flat() ? max64(1, limit_rows / T_) : 1; }
 };
 
-// G_b = sum_t g_b[t] a_b[t]^T for examples [b0, b1) into dst[(b - b0) * q * p ...].
+// G_b = sum_t g_b[t] a_b[t]^T ([q, p]) for examples [b0, b1) into dst[(b - b0) * q * p ...].
 template <class T>
-void explicit_grads(const Side<T>& s, int64_t b0, int64_t b1, int64_t p, int64_t q, T* dst, int nthreads) {
-  parallel_for(b1 - b0, nthreads, grain(double(s.T_) * p * q), [&](int64_t lo, int64_t hi) {
-    Scratch scratch(sizeof(T) * gemm_scratch_elems<T>(q, p, s.T_));
-    for (int64_t b = b0 + lo; b < b0 + hi; ++b) {
-      View<T> gt{s.grads + b * s.g_sb, s.g_sq, s.g_st};  // (q, t)
-      View<T> a{s.acts + b * s.a_sb, s.a_st, s.a_sp};    // (t, p)
-      gemm_serial<T>(q, p, s.T_, gt, nullptr, a, nullptr, dst + (b - b0) * q * p, p, false, scratch.as<T>());
+struct StridedGrads {
+  const Side<T>& s;
+  int64_t p, q;
+  void operator()(int64_t b0, int64_t b1, T* dst, int nthreads) const {
+    parallel_for(b1 - b0, nthreads, grain(double(s.T_) * p * q), [&](int64_t lo, int64_t hi) {
+      Scratch scratch(sizeof(T) * gemm_scratch_elems<T>(q, p, s.T_));
+      for (int64_t b = b0 + lo; b < b0 + hi; ++b) {
+        View<T> gt{s.grads + b * s.g_sb, s.g_sq, s.g_st};  // (q, t)
+        View<T> a{s.acts + b * s.a_sb, s.a_st, s.a_sp};    // (t, p)
+        gemm_serial<T>(q, p, s.T_, gt, nullptr, a, nullptr, dst + (b - b0) * q * p, p, false, scratch.as<T>());
+      }
+    });
+  }
+};
+
+// Conv2d: G_b^T = patches_b^T grads_b ([p, q]) without im2col. With the example's image
+// zero-padded into a small buffer xp [C, Hp, Wp], patch element (pp = (c, ki, kj), t = (ho, wo))
+// is xp[row_off[pp] + k_off[t]], which the GEMM micro-kernel reads in place.
+template <class T>
+struct ConvGrads {
+  const ConvGeometry& g;
+  const T* x;
+  const T* grads;
+  int64_t g_sb, g_sq, g_st, q;
+  void operator()(int64_t b0, int64_t b1, T* dst, int nthreads) const {
+    const int64_t L = g.out_h * g.out_w, p = g.channels * g.kh * g.kw;
+    const int64_t Hp = g.height + 2 * g.pad_h, Wp = g.width + 2 * g.pad_w, plane = Hp * Wp;
+    Scratch offsets(sizeof(int64_t) * (p + L));
+    int64_t* row_off = offsets.as<int64_t>();
+    int64_t* k_off = row_off + p;
+    for (int64_t c = 0; c < g.channels; ++c)
+      for (int64_t i = 0; i < g.kh; ++i)
+        for (int64_t j = 0; j < g.kw; ++j) row_off[(c * g.kh + i) * g.kw + j] = c * plane + i * g.dil_h * Wp + j * g.dil_w;
+    for (int64_t ho = 0; ho < g.out_h; ++ho)
+      for (int64_t wo = 0; wo < g.out_w; ++wo) k_off[ho * g.out_w + wo] = ho * g.stride_h * Wp + wo * g.stride_w;
+    parallel_for(b1 - b0, nthreads, grain(double(L) * p * q), [&](int64_t lo, int64_t hi) {
+      Scratch padded(sizeof(T) * g.channels * plane);
+      Scratch scratch(sizeof(T) * gemm_scratch_elems<T>(p, q, L));
+      T* xp = padded.as<T>();
+      std::memset(xp, 0, sizeof(T) * g.channels * plane);  // the border stays zero
+      for (int64_t b = b0 + lo; b < b0 + hi; ++b) {
+        const T* xb = x + b * g.sb;
+        for (int64_t c = 0; c < g.channels; ++c)
+          for (int64_t h = 0; h < g.height; ++h) {
+            T* row = xp + c * plane + (h + g.pad_h) * Wp + g.pad_w;
+            const T* src = xb + c * g.sc + h * g.sh;
+            for (int64_t w = 0; w < g.width; ++w) row[w] = src[w * g.sw];
+          }
+        View<T> gr{grads + b * g_sb, g_st, g_sq};  // (t, q)
+        gemm_gather_a<T>(p, q, L, xp, row_off, k_off, gr, dst + (b - b0) * p * q, q, scratch.as<T>());
+      }
+    });
+  }
+};
+
+// out[b, kk] = <G_b, D_kk>: per-example gradients formed a chunk at a time (G and D flattened
+// the same way, gsize elements each).
+template <class T, class Former>
+void explicit_dot(const Former& form, int64_t B, int64_t gsize, const T* D, int64_t k, T* out, int nthreads) {
+  int64_t chunk = max64(1, kExplicitBudget / max64(1, gsize));
+  Scratch g_buf(sizeof(T) * min64(chunk, B) * gsize);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    int64_t b1 = min64(B, b0 + chunk);
+    form(b0, b1, g_buf.as<T>(), nthreads);
+    gemm_rows<T>(b1 - b0, k, gsize, g_buf.as<T>(), gsize, D, gsize, out + b0 * k, k, false, nthreads);
+  }
+}
+
+// out[i, j] = <G_i, G'_j>; side b is formed once if it fits the budget, else per chunk of a.
+template <class T, class FormerA, class FormerB>
+void explicit_kernel(const FormerA& form_a, int64_t B, const FormerB& form_b, int64_t M, int64_t gsize, T* out,
+                     int nthreads) {
+  int64_t chunk = max64(1, kExplicitBudget / max64(1, gsize));
+  int64_t ca = min64(chunk, B), cb = min64(chunk, M);
+  Scratch ga_buf(sizeof(T) * ca * gsize), gb_buf(sizeof(T) * cb * gsize);
+  const bool b_resident = cb == M;
+  if (b_resident) form_b(0, M, gb_buf.as<T>(), nthreads);
+  for (int64_t a0 = 0; a0 < B; a0 += ca) {
+    int64_t a1 = min64(B, a0 + ca);
+    form_a(a0, a1, ga_buf.as<T>(), nthreads);
+    for (int64_t m0 = 0; m0 < M; m0 += cb) {
+      int64_t m1 = min64(M, m0 + cb);
+      if (!b_resident) form_b(m0, m1, gb_buf.as<T>(), nthreads);
+      gemm_rows<T>(a1 - a0, m1 - m0, gsize, ga_buf.as<T>(), gsize, gb_buf.as<T>(), gsize, out + a0 * M + m0, M, false,
+                   nthreads);
     }
-  });
+  }
 }
 
 template <class T>
@@ -80,15 +158,7 @@ int dot_impl(const TangentDotArgs& a) {
   bool use_ghost = a.strategy == kGhost || (a.strategy == kAuto && ghost <= expl);
 
   if (!use_ghost) {
-    int64_t chunk = max64(1, kExplicitBudget / max64(1, qp));
-    Scratch g_buf(sizeof(T) * min64(chunk, B) * qp);
-    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-      int64_t b1 = min64(B, b0 + chunk);
-      explicit_grads<T>(s, b0, b1, p, q, g_buf.as<T>(), a.nthreads);
-      View<T> G{g_buf.as<T>(), qp, 1};
-      View<T> Dt{D, 1, qp};  // (x, kk) -> D[kk * qp + x]
-      gemm<T>(b1 - b0, k, qp, G, nullptr, Dt, nullptr, out + b0 * k, k, false, a.nthreads);
-    }
+    explicit_dot<T>(StridedGrads<T>{s, p, q}, B, qp, D, k, out, a.nthreads);
     return check_finite(out, B * k);
   }
 
@@ -137,23 +207,7 @@ int kernel_impl(const TangentKernelArgs& a) {
   bool use_ghost = a.strategy == kGhost || (a.strategy == kAuto && ghost <= expl);
 
   if (!use_ghost) {
-    int64_t chunk = max64(1, kExplicitBudget / max64(1, qp));
-    int64_t ca = min64(chunk, B), cb = min64(chunk, M);
-    Scratch ga_buf(sizeof(T) * ca * qp), gb_buf(sizeof(T) * cb * qp);
-    bool b_resident = cb == M;  // all of side b fits: form it once
-    if (b_resident) explicit_grads<T>(sb, 0, M, p, q, gb_buf.as<T>(), a.nthreads);
-    for (int64_t a0 = 0; a0 < B; a0 += ca) {
-      int64_t a1 = min64(B, a0 + ca);
-      explicit_grads<T>(sa, a0, a1, p, q, ga_buf.as<T>(), a.nthreads);
-      for (int64_t m0 = 0; m0 < M; m0 += cb) {
-        int64_t m1 = min64(M, m0 + cb);
-        if (!b_resident) explicit_grads<T>(sb, m0, m1, p, q, gb_buf.as<T>(), a.nthreads);
-        View<T> Ga{ga_buf.as<T>(), qp, 1};
-        View<T> Gbt{gb_buf.as<T>(), 1, qp};  // (x, j) -> Gb[j * qp + x]
-        // out[a0:a1, m0:m1] (row stride M)
-        gemm<T>(a1 - a0, m1 - m0, qp, Ga, nullptr, Gbt, nullptr, out + a0 * M + m0, M, false, a.nthreads);
-      }
-    }
+    explicit_kernel<T>(StridedGrads<T>{sa, p, q}, B, StridedGrads<T>{sb, p, q}, M, qp, out, a.nthreads);
     return check_finite(out, B * M);
   }
 
@@ -190,7 +244,36 @@ int kernel_impl(const TangentKernelArgs& a) {
   return check_finite(out, B * M);
 }
 
+template <class T>
+int conv_dot_impl(const ConvTangentDotArgs& a) {
+  const ConvGeometry& g = a.geom;
+  const int64_t p = g.channels * g.kh * g.kw;
+  ConvGrads<T> form{g, static_cast<const T*>(a.x), static_cast<const T*>(a.grads), a.grads_sb, a.grads_sq, a.grads_st, a.q};
+  T* out = static_cast<T*>(a.out);
+  explicit_dot<T>(form, a.batch, p * a.q, static_cast<const T*>(a.direction_t), a.k, out, a.nthreads);
+  return check_finite(out, a.batch * a.k);
+}
+
+template <class T>
+int conv_kernel_impl(const ConvTangentKernelArgs& a) {
+  const int64_t p = a.geom_a.channels * a.geom_a.kh * a.geom_a.kw;
+  ConvGrads<T> form_a{a.geom_a, static_cast<const T*>(a.x_a), static_cast<const T*>(a.grads_a), a.grads_a_sb,
+                      a.grads_a_sq, a.grads_a_st, a.q};
+  ConvGrads<T> form_b{a.geom_b, static_cast<const T*>(a.x_b), static_cast<const T*>(a.grads_b), a.grads_b_sb,
+                      a.grads_b_sq, a.grads_b_st, a.q};
+  T* out = static_cast<T*>(a.out);
+  explicit_kernel<T>(form_a, a.batch_a, form_b, a.batch_b, p * a.q, out, a.nthreads);
+  return check_finite(out, a.batch_a * a.batch_b);
+}
+
 }  // namespace
+
+int conv_tangent_dot(const ConvTangentDotArgs& a) {
+  return a.dtype == kFloat64 ? conv_dot_impl<double>(a) : conv_dot_impl<float>(a);
+}
+int conv_tangent_kernel(const ConvTangentKernelArgs& a) {
+  return a.dtype == kFloat64 ? conv_kernel_impl<double>(a) : conv_kernel_impl<float>(a);
+}
 
 int tangent_dot(const TangentDotArgs& a) { return a.dtype == kFloat64 ? dot_impl<double>(a) : dot_impl<float>(a); }
 int tangent_kernel(const TangentKernelArgs& a) {

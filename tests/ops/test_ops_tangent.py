@@ -316,3 +316,43 @@ def test_recorder_joint_batchnorm_keeps_the_training_graph():
         torch.testing.assert_close(per_example[n].sum(0), q.grad, rtol=1e-9, atol=1e-12, msg=n)
     with pytest.raises(ValueError, match="batchnorm must be 'constant' or 'joint'"):
         ops.PerSampleGradRecorder(model, batchnorm="frozen")
+
+
+CONV_GEOMETRIES = [  # C, H, W, q, kernel, stride, padding, dilation
+    (3, 9, 10, 5, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (4, 7, 8, 6, (2, 3), (1, 2), (0, 1), (2, 1)),
+    (2, 5, 5, 3, (1, 1), (1, 1), (0, 0), (1, 1)),  # 1x1
+    (3, 4, 6, 2, (3, 3), (1, 1), (2, 2), (1, 1)),  # padding wider than the image edge
+    (20, 6, 6, 40, (3, 3), (1, 1), (1, 1), (1, 1)),  # several register tiles each way
+]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "-".join(map(str, g[:4])))
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_conv_tangent_ops_match_twin(device, dtype, check_close, gen, strategy, geometry, memory_format):
+    C, H, W, q, ks, st, pd, dl = geometry
+    kw = dict(kernel_size=ks, stride=st, padding=pd, dilation=dl)
+    Ho, Wo = ((H + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1, (W + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    make = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
+    x, g, x2, g2 = make(5, C, H, W), make(5, q, Ho, Wo), make(4, C, H, W), make(4, q, Ho, Wo)
+    D = torch.randn(3, q, C, *ks, generator=gen).to(device=device, dtype=dtype)
+    scale = (Ho * Wo * C * ks[0] * ks[1] * q) ** 0.5 * 4
+    got = ops.conv_tangent_dot(x, g, D, strategy=strategy, **kw)
+    check_close(got, ref.conv_tangent_dot(x, g, D, **kw), dtype, scale=scale)
+    check_close(ops.conv_tangent_dot(x, g, D[0], strategy=strategy, **kw), got[:, 0], dtype, scale=scale)
+    K = ops.conv_tangent_kernel(x, g, x2, g2, strategy=strategy, **kw)
+    check_close(K, ref.conv_tangent_kernel(x, g, x2, g2, **kw), dtype, scale=scale * 4)
+
+
+def test_conv_tangent_errors():
+    x, g = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"conv_tangent_dot: grads has shape \(2, 4, 5, 5\) but the convolution"):
+        ops.conv_tangent_dot(x, g, torch.randn(4, 3, 3, 3), kernel_size=3)
+    with pytest.raises(ValueError, match="direction must be shaped like the weight"):
+        ops.conv_tangent_dot(x, g, torch.randn(4, 3, 2, 2), kernel_size=3, padding=1)
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        ops.conv_tangent_dot(x, g, torch.randn(4, 3, 3, 3), kernel_size=3, padding=1, stride=1.5)
+    with pytest.raises(ValueError, match="conv_tangent_kernel: the two batches must come from the same layer"):
+        ops.conv_tangent_kernel(x, g, torch.randn(2, 2, 5, 5), g, kernel_size=3, padding=1)

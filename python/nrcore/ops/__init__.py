@@ -12,6 +12,8 @@ FBR (feature-based reweighting, closed form of Algorithm 1)
 Per-sample Jacobian-kernel products
     tangent_kernel(acts_a, grads_a, acts_b, grads_b, *, strategy="auto") -> [B, M]
     tangent_dot(acts, grads, direction, *, strategy="auto") -> [B] or [B, k]
+    conv_tangent_dot / conv_tangent_kernel: the same for a Conv2d layer from its input and output
+        gradient, patches gathered inside the kernel
     PerSampleGradRecorder(model, layers=None): record a forward/backward, then dot / dot_many /
         kernel / weighted_sum over Linear, Conv2d and BatchNorm layers
 
@@ -32,7 +34,7 @@ from nrcore.ops._types import FBRStats
 from nrcore.ops.barrier import barrier_coefficient, barrier_combine_, barrier_stats
 from nrcore.ops.fbr import centered_gram, fbr_direction, fbr_prepare, fbr_update_
 from nrcore.ops.recorder import PerSampleGradRecorder
-from nrcore.ops.tangent import tangent_dot, tangent_kernel
+from nrcore.ops.tangent import conv_tangent_dot, conv_tangent_kernel, tangent_dot, tangent_kernel
 
 __all__ = [
     "FBRStats",
@@ -44,6 +46,8 @@ __all__ = [
     "barrier_stats",
     "centered_gram",
     "check_errors",
+    "conv_tangent_dot",
+    "conv_tangent_kernel",
     "fbr_direction",
     "fbr_prepare",
     "fbr_update_",

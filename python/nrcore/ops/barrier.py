@@ -52,8 +52,7 @@ def _single_dtype(op: str, name: str, tensors: Sequence[Tensor]) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::barrier_stats", mutates_args=())
-def _barrier_stats_op(grads_f_w: List[Tensor], grads_q_w: List[Tensor], grads_q_alpha: List[Tensor]) -> Tensor:
+def _barrier_stats_impl(grads_f_w: List[Tensor], grads_q_w: List[Tensor], grads_q_alpha: List[Tensor]) -> Tensor:
     device = grads_q_w[0].device
     if not B.compiled_for(device):
         return reference.barrier_stats(grads_f_w, grads_q_w, grads_q_alpha)
@@ -67,6 +66,9 @@ def _barrier_stats_op(grads_f_w: List[Tensor], grads_q_w: List[Tensor], grads_q_
     if dev >= 0:
         B.after_cuda_launch(dev)
     return out
+
+
+_barrier_stats_op = torch.library.custom_op("nrcore::barrier_stats", _barrier_stats_impl, mutates_args=())
 
 
 @_barrier_stats_op.register_fake
@@ -99,7 +101,7 @@ def barrier_stats(grads_f_w: Sequence[Tensor], grads_q_w: Sequence[Tensor], grad
     q = [qi if V.is_dense(qi) else qi.contiguous() for qi in q]
     f = [_dense_like(fi, qi) for fi, qi in zip(f, q)]
     a = [ai if V.is_dense(ai) else ai.contiguous() for ai in a]
-    return _barrier_stats_op(f, q, a)
+    return B.call(_barrier_stats_op, _barrier_stats_impl, f, q, a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,14 +109,16 @@ def barrier_stats(grads_f_w: Sequence[Tensor], grads_q_w: Sequence[Tensor], grad
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::barrier_coefficient", mutates_args=())
-def _barrier_coefficient_op(stats: Tensor, delta: float) -> Tensor:
+def _barrier_coefficient_impl(stats: Tensor, delta: float) -> Tensor:
     if not B.compiled_for(stats.device):
         return reference.barrier_coefficient(stats, delta)
     out = stats.new_empty(())
     dev, stream = B.device_args(stats)
     B._C.barrier_coefficient(dev, stream, stats.data_ptr(), delta, out.data_ptr())
     return out
+
+
+_barrier_coefficient_op = torch.library.custom_op("nrcore::barrier_coefficient", _barrier_coefficient_impl, mutates_args=())
 
 
 @_barrier_coefficient_op.register_fake
@@ -135,7 +139,7 @@ def barrier_coefficient(stats: Tensor, delta: float) -> Tensor:
             raise TypeError(f"{op}: stats must be a float64 tensor, got {stats.dtype}")
         stats = stats.double()
     delta = V.number(op, "delta", delta)
-    return _barrier_coefficient_op(stats.contiguous(), delta)
+    return B.call(_barrier_coefficient_op, _barrier_coefficient_impl, stats.contiguous(), delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +147,7 @@ def barrier_coefficient(stats: Tensor, delta: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::barrier_combine_", mutates_args=("outs",))
-def _barrier_combine_op(
+def _barrier_combine_impl(
     outs: List[Tensor], grads_f: List[Tensor], grads_q: List[Tensor], coef_tensor: Optional[Tensor], coef_value: float
 ) -> None:
     op = "barrier_combine_"
@@ -171,6 +174,9 @@ def _barrier_combine_op(
         B.after_cuda_launch(dev)
     if status:
         raise B.OpError(B.first_nonfinite(op, named))
+
+
+_barrier_combine_op = torch.library.custom_op("nrcore::barrier_combine_", _barrier_combine_impl, mutates_args=("outs",))
 
 
 @_barrier_combine_op.register_fake
@@ -218,5 +224,5 @@ def barrier_combine_(
             coef_tensor = coef.reshape(()).to(torch.float64)
     else:
         coef_value = V.number(op, "coef", coef)
-    _barrier_combine_op(o, f, q, coef_tensor, coef_value)
+    B.call(_barrier_combine_op, _barrier_combine_impl, o, f, q, coef_tensor, coef_value)
     return list(outs)

@@ -49,8 +49,7 @@ def _check_finite(op: str, out: Tensor, named) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::fbr_prepare", mutates_args=())
-def _fbr_prepare_op(clean_feats: Tensor, clean_labels: Tensor, num_classes: int, center: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fbr_prepare_impl(clean_feats: Tensor, clean_labels: Tensor, num_classes: int, center: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "fbr_prepare"
     if not B.compiled_for(clean_feats.device):
         _check_labels(op, "clean_labels", clean_labels, num_classes)
@@ -74,6 +73,9 @@ def _fbr_prepare_op(clean_feats: Tensor, clean_labels: Tensor, num_classes: int,
         B.check_errors(clean_feats.device)  # once per epoch: a sync is fine here
     _raise(op, status, labels="clean_labels", named=[("clean_feats", clean_feats)])
     return mean, basis_t, counts, sq
+
+
+_fbr_prepare_op = torch.library.custom_op("nrcore::fbr_prepare", _fbr_prepare_impl, mutates_args=())
 
 
 @_fbr_prepare_op.register_fake
@@ -109,7 +111,7 @@ def fbr_prepare(clean_feats: Tensor, clean_labels: Tensor, num_classes: int, *, 
     if feats.shape[1] == 0:
         raise ValueError(f"{op}: clean_feats has 0 feature columns")
     V.same_device(op, clean_feats=feats, clean_labels=labels)
-    mean, basis_t, counts, sq = _fbr_prepare_op(feats, labels, num_classes, bool(center))
+    mean, basis_t, counts, sq = B.call(_fbr_prepare_op, _fbr_prepare_impl, feats, labels, num_classes, bool(center))
     return FBRStats(
         mean=mean,
         basis_t=basis_t,
@@ -127,8 +129,7 @@ def fbr_prepare(clean_feats: Tensor, clean_labels: Tensor, num_classes: int, *, 
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::fbr_direction", mutates_args=())
-def _fbr_direction_op(
+def _fbr_direction_impl(
     feats: Tensor,
     labels: Tensor,
     mean: Tensor,
@@ -164,6 +165,9 @@ def _fbr_direction_op(
         B.after_cuda_launch(dev)
     _raise(op, status, labels="labels", named=named)
     return out
+
+
+_fbr_direction_op = torch.library.custom_op("nrcore::fbr_direction", _fbr_direction_impl, mutates_args=())
 
 
 @_fbr_direction_op.register_fake
@@ -214,9 +218,9 @@ def fbr_direction(
         if not stats.sq_norm_mean > 0:
             raise ValueError(f"{op}: normalize=True but the clean features have zero spread (sq_norm_mean = 0)")
         scale = 1.0 / (stats.num_clean * stats.sq_norm_mean)
-    return _fbr_direction_op(
-        feats, labels, stats.mean, stats.basis_t, stats.counts, not stats.center, bool(row_shift), bool(label_sign),
-        lambda_pos, lambda_neg, scale,
+    return B.call(
+        _fbr_direction_op, _fbr_direction_impl, feats, labels, stats.mean, stats.basis_t, stats.counts,
+        not stats.center, bool(row_shift), bool(label_sign), lambda_pos, lambda_neg, scale,
     )
 
 
@@ -225,8 +229,7 @@ def fbr_direction(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::fbr_update_", mutates_args=("weights",))
-def _fbr_update_op(weights: Tensor, index: Tensor, direction: Tensor, step_size: float) -> None:
+def _fbr_update_impl(weights: Tensor, index: Tensor, direction: Tensor, step_size: float) -> None:
     op = "fbr_update_"
     if not B.compiled_for(weights.device):
         _check_labels(op, "index", index, weights.shape[0])
@@ -245,6 +248,9 @@ def _fbr_update_op(weights: Tensor, index: Tensor, direction: Tensor, step_size:
     if dev >= 0:
         B.after_cuda_launch(dev)
     _raise(op, status, labels="index", named=[("direction", direction)])
+
+
+_fbr_update_op = torch.library.custom_op("nrcore::fbr_update_", _fbr_update_impl, mutates_args=("weights",))
 
 
 @_fbr_update_op.register_fake
@@ -275,7 +281,7 @@ def fbr_update_(weights: Tensor, index: Tensor, direction: Tensor, step_size: fl
         return weights
     if direction.dtype != weights.dtype:
         direction = direction.to(weights.dtype)
-    _fbr_update_op(weights, index, direction, step_size)
+    B.call(_fbr_update_op, _fbr_update_impl, weights, index, direction, step_size)
     return weights
 
 
@@ -284,8 +290,7 @@ def fbr_update_(weights: Tensor, index: Tensor, direction: Tensor, step_size: fl
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("nrcore::centered_gram", mutates_args=())
-def _centered_gram_op(feats: Tensor, clean_feats: Tensor, mean: Tensor) -> Tensor:
+def _centered_gram_impl(feats: Tensor, clean_feats: Tensor, mean: Tensor) -> Tensor:
     op = "centered_gram"
     named = [("feats", feats), ("clean_feats", clean_feats), ("mean", mean)]
     if not B.compiled_for(feats.device):
@@ -305,6 +310,9 @@ def _centered_gram_op(feats: Tensor, clean_feats: Tensor, mean: Tensor) -> Tenso
         B.after_cuda_launch(dev)
     _raise(op, status, labels="", named=named)
     return out
+
+
+_centered_gram_op = torch.library.custom_op("nrcore::centered_gram", _centered_gram_impl, mutates_args=())
 
 
 @_centered_gram_op.register_fake
@@ -332,4 +340,4 @@ def centered_gram(feats: Tensor, clean_feats: Tensor, mean: Optional[Tensor] = N
             raise ValueError(f"{op}: mean has length {mean.shape[0]} but feats has {feats.shape[1]} features")
         mean = mean.to(acc).contiguous()
     V.same_device(op, feats=feats, clean_feats=clean_feats, mean=mean)
-    return _centered_gram_op(feats, clean_feats, mean)
+    return B.call(_centered_gram_op, _centered_gram_impl, feats, clean_feats, mean)

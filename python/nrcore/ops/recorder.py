@@ -50,12 +50,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nrcore.ops._backend import acc_dtype
-from nrcore.ops.tangent import tangent_dot, tangent_kernel
+from nrcore.ops.tangent import conv_tangent_dot, conv_tangent_kernel, tangent_dot, tangent_kernel, unfold
 
 Tensor = torch.Tensor
 DirectionKey = Union[str, nn.Parameter]
 
-# Elements of unfolded Conv2d patches materialised at once per side (16 MiB in float32).
+# Elements of unfolded Conv2d patches per_sample_grads materialises at once (16 MiB in float32;
+# the products gather patches inside the kernels instead).
 _UNFOLD_BUDGET = 4 << 20
 
 
@@ -260,7 +261,7 @@ class PerSampleGradRecorder:
             elif batch_stats:  # "joint": the native output stays; x̂ uses this batch's statistics
                 xhat = F.batch_norm(x.detach(), None, None, training=True, momentum=0.0, eps=module.eps)
             else:
-                xhat = (x.detach() - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+                xhat = F.batch_norm(x.detach(), module.running_mean, module.running_var, training=False, eps=module.eps)
             if layer is not None:
                 use = _Use(xhat.detach(), 0, None)
                 layer.uses.append(use)
@@ -320,11 +321,15 @@ class PerSampleGradRecorder:
         b, L = use.inp.shape[0], use.grad.shape[2] * use.grad.shape[3]
         p = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         step = max(1, _UNFOLD_BUDGET // max(1, p * L))
-        padding = _conv_padding(layer.name, conv)
+        geometry = self._conv_geometry(layer)
         for b0 in range(0, b, step):
             b1 = min(b, b0 + step)
-            cols = F.unfold(use.inp[b0:b1], conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-            yield b0, b1, cols.transpose(1, 2), use.grad[b0:b1].flatten(2).transpose(1, 2)
+            yield b0, b1, unfold(use.inp[b0:b1], *geometry), use.grad[b0:b1].flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _conv_geometry(layer: _Layer):
+        conv: nn.Conv2d = layer.module
+        return list(conv.kernel_size), list(conv.stride), list(_conv_padding(layer.name, conv)), list(conv.dilation)
 
     def _weight_segments(self, layer: _Layer, use: _Use) -> Iterator[Tuple[int, int, Tensor, Tensor]]:
         if isinstance(layer.module, nn.Conv2d):
@@ -418,8 +423,12 @@ class PerSampleGradRecorder:
                 if weight is not None and weight[0] in dirs and not is_bn:
                     D = dirs[weight[0]].to(device=device, dtype=dtype)
                     D = D.reshape(k, D.shape[1], -1)
-                    for b0, b1, acts, grads in self._weight_segments(layer, use):
-                        out[b0:b1] += tangent_dot(acts, grads, D)
+                    if isinstance(layer.module, nn.Conv2d):
+                        geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
+                        out += conv_tangent_dot(use.inp, use.grad, D, **geometry)
+                    else:
+                        acts, grads = self._linear_parts(use, layer.module)
+                        out += tangent_dot(acts, grads, D)
                 for local, g in self._explicit_parts(layer, use).items():
                     if local in layer.params and layer.params[local][0] in dirs:
                         D = dirs[layer.params[local][0]].to(device=device, dtype=acc)
@@ -443,9 +452,11 @@ class PerSampleGradRecorder:
             for ua in uses_a:
                 for ub in uses_b:
                     if "weight" in layer.params and not is_bn:
-                        for a0, a1, acts_a, grads_a in self._weight_segments(layer, ua):
-                            for b0, b1, acts_b, grads_b in other._weight_segments(layer, ub):
-                                out[a0:a1, b0:b1] += tangent_kernel(acts_a, grads_a, acts_b, grads_b)
+                        if isinstance(layer.module, nn.Conv2d):
+                            geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
+                            out += conv_tangent_kernel(ua.inp, ua.grad, ub.inp, ub.grad, **geometry)
+                        else:
+                            out += tangent_kernel(*self._linear_parts(ua, layer.module), *self._linear_parts(ub, layer.module))
                     parts_a, parts_b = self._explicit_parts(layer, ua), other._explicit_parts(layer, ub)
                     for local in parts_a:
                         if local in layer.params:

@@ -26,6 +26,8 @@ __all__ = [
     "centered_gram",
     "tangent_dot",
     "tangent_kernel",
+    "conv_tangent_dot",
+    "conv_tangent_kernel",
     "barrier_stats",
     "barrier_coefficient",
     "barrier_combine_",
@@ -170,6 +172,27 @@ def tangent_kernel(acts_a: Tensor, grads_a: Tensor, acts_b: Tensor, grads_b: Ten
     Ga = per_example_grads(acts_a, grads_a).flatten(1)
     Gb = per_example_grads(acts_b, grads_b).flatten(1)
     return Ga @ Gb.T
+
+
+def _patches(x: Tensor, grads: Tensor, kernel_size, stride, padding, dilation):
+    cols = torch.nn.functional.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2), grads.flatten(2).transpose(1, 2)
+
+
+def conv_tangent_dot(x: Tensor, grads: Tensor, direction: Tensor, *, kernel_size, stride=1, padding=0, dilation=1, strategy: str = "auto") -> Tensor:
+    """tangent_dot on F.unfold's patches of a Conv2d input x and its output gradient grads."""
+    acts, g = _patches(x, grads, kernel_size, stride, padding, dilation)
+    q = grads.shape[1]
+    single = direction.dim() in (2, 4)
+    D = (direction[None] if single else direction).reshape(-1, q, acts.shape[2])
+    out = tangent_dot(acts, g, D)
+    return out[:, 0] if single else out
+
+
+def conv_tangent_kernel(x_a: Tensor, grads_a: Tensor, x_b: Tensor, grads_b: Tensor, *, kernel_size, stride=1, padding=0, dilation=1, strategy: str = "auto") -> Tensor:
+    """tangent_kernel on F.unfold's patches of two batches of a Conv2d layer."""
+    geometry = (kernel_size, stride, padding, dilation)
+    return tangent_kernel(*_patches(x_a, grads_a, *geometry), *_patches(x_b, grads_b, *geometry))
 
 
 # ---------------------------------------------------------------------------------------------
