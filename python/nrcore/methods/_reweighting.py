@@ -38,10 +38,11 @@ from torch import nn
 from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 from nrcore.methods.base import Method, MethodContext, Option
 
-HYPERGRAD_MODES = ("tangent", "autograd")
+HYPERGRAD_MODES = ("tangent", "jvp", "autograd")
 HYPERGRAD_OPTION = Option(
     "hypergrad", HYPERGRAD_MODES, "tangent",
-    "hypergradient: per-example gradients dotted with the look-ahead clean gradient (no second derivatives), or autograd through the pseudo update",
+    "hypergradient: per-example gradients dotted with the look-ahead clean gradient (tangent), the same products "
+    "by forward mode (jvp, exact also under train-mode BatchNorm), or autograd through the pseudo update",
 )
 
 
@@ -243,6 +244,15 @@ def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=No
     return out, values, ExampleGradients(recorder, x.shape[0])
 
 
+def loss_derivatives_along(model: nn.Module, x: torch.Tensor, y: torch.Tensor, direction: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """`<∇θ l_i(θ), D>` for every example as one forward-mode pass (`torch.func.jvp`): the
+    directional derivative of the per-example losses, exact also through train-mode BatchNorm
+    (whose batch statistics move with θ; throw-away buffers, running statistics untouched)."""
+    params = {n: p.detach() for n, p in trainable_params(model).items()}
+    _, out = torch.func.jvp(lambda p: per_example_ce(functional_forward(model, p, x), y), (params,), ({n: direction[n] for n in params},))
+    return out
+
+
 # ---- the hypergradient of a one-step look-ahead ---------------------------------------------
 
 
@@ -251,6 +261,8 @@ class NoisyForward:
     """The real (train-mode) forward of a noisy batch: per-example losses with their graph and,
     on the tangent path, their per-example gradients."""
 
+    x: torch.Tensor
+    y: torch.Tensor
     losses: torch.Tensor
     example_grads: Optional[ExampleGradients] = None
 
@@ -279,9 +291,9 @@ class MetaGradient:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
         if self.recorder is None:
-            return NoisyForward(per_example_ce(self.model(x), y))
+            return NoisyForward(x, y, per_example_ce(self.model(x), y))
         _, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True)
-        return NoisyForward(losses, grads)
+        return NoisyForward(x, y, losses, grads)
 
     def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):
         """(∂L_val/∂w [B], clean loss at θ' (detached)). `at_zero`: the weights are all zero, so
@@ -292,14 +304,20 @@ class MetaGradient:
         if at_zero and self.lookahead.rule == "sgd":
             shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.named.items()}
         else:
-            pseudo = fwd.example_grads.weighted_sum(weights.detach() / batch)
+            if fwd.example_grads is not None:
+                pseudo = fwd.example_grads.weighted_sum(weights.detach() / batch)
+            else:
+                pseudo = grads_dict((weights.detach() * fwd.losses).mean(), self.lookahead.named, retain_graph=True)
             shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.step(pseudo).items()}
         val_loss = per_example_ce(functional_forward(self.model, shifted, clean_x), clean_y, "mean")
         val_grad = grads_dict(val_loss, shifted)
         scale = self.lookahead.grad_scale()
-        direction = {n: (scale[n] * val_grad[n])[None] for n in val_grad}
-        hypergrad = fwd.example_grads.dots(direction)[:, 0] / -batch
-        return hypergrad, val_loss.detach()
+        direction = {n: scale[n] * val_grad[n] for n in val_grad}
+        if fwd.example_grads is not None:
+            dots = fwd.example_grads.dots({n: d[None] for n, d in direction.items()})[:, 0]
+        else:
+            dots = loss_derivatives_along(self.model, fwd.x, fwd.y, direction)
+        return dots / -batch, val_loss.detach()
 
     def _autograd(self, fwd: NoisyForward, weights, clean_x, clean_y):
         w = weights.detach().clone().requires_grad_(True)
