@@ -35,7 +35,7 @@ def _check_weights(run_dir, epochs, summary):
         ("fbr", dict(lambda_schedule="linear", lambda_neg_end=0.0), 60, 0.9),
         ("fbr-ntk", dict(batch_size=128), 40, 0.8),
         ("meta", dict(batch_size=128), 40, 0.6),
-        ("l2rw", dict(batch_size=128), 40, 0.5),
+        ("l2rw", dict(batch_size=128, hypergrad="tangent"), 40, 0.5),  # the recorder on a train-mode BN model
         ("mwnet", dict(batch_size=128), 30, None),
     ],
 )

@@ -105,6 +105,12 @@ def test_hypergradient_without_second_derivatives_equals_autograd(make_model, ru
     assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+def test_auto_hypergradient_is_tangent_without_batchnorm_and_jvp_with_it():
+    assert rw.resolve_hypergrad("auto", _mlp()) == "tangent"
+    assert rw.resolve_hypergrad("auto", _cnn_train()) == "jvp"
+    assert rw.resolve_hypergrad("autograd", _mlp()) == "autograd"
+
+
 def test_tangent_hypergradient_at_zero_weights_equals_autograd():
     model, opt, data = _setup(_cnn_eval)
     tangent = _hypergrad(model, opt, data, "tangent", "sgd", at_zero=True)
@@ -216,7 +222,7 @@ def _check_same(method, model, opt_model):
         torch.testing.assert_close(b, c)
 
 
-@pytest.mark.parametrize("hypergrad,model_name", [("tangent", "mlp"), ("autograd", "mlp"), ("autograd", "cnn")])
+@pytest.mark.parametrize("hypergrad,model_name", [("tangent", "mlp"), ("autograd", "mlp"), ("autograd", "cnn"), ("jvp", "cnn")])
 def test_meta_steps_by_hand(task, hypergrad, model_name):
     beta = 0.05
     method = _method(task, "meta", model_name, beta=beta, hypergrad=hypergrad)
@@ -265,7 +271,7 @@ def test_l2rw_steps_by_hand(task, hypergrad):
         assert 0 < int((useful > 0).sum()) < len(batch)
 
 
-@pytest.mark.parametrize("hypergrad", ["tangent", "autograd"])
+@pytest.mark.parametrize("hypergrad", ["tangent", "jvp", "autograd"])
 def test_mwnet_steps_by_hand(task, hypergrad):
     """∇φ L_val(θ'(φ)) with θ' the REAL optimiser's step (momentum, weight decay), then Adam on φ,
     then the real step with the updated weighting net."""

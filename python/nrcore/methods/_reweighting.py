@@ -38,12 +38,21 @@ from torch import nn
 from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 from nrcore.methods.base import Method, MethodContext, Option
 
-HYPERGRAD_MODES = ("tangent", "jvp", "autograd")
+HYPERGRAD_MODES = ("auto", "tangent", "jvp", "autograd")
 HYPERGRAD_OPTION = Option(
-    "hypergrad", HYPERGRAD_MODES, "tangent",
-    "hypergradient: per-example gradients dotted with the look-ahead clean gradient (tangent), the same products "
-    "by forward mode (jvp, exact also under train-mode BatchNorm), or autograd through the pseudo update",
+    "hypergrad", HYPERGRAD_MODES, "auto",
+    "hypergradient: per-example gradients dotted with the look-ahead clean gradient (tangent; exact without "
+    "train-mode BatchNorm), the same products by forward mode (jvp; exact always), autograd through the pseudo "
+    "update, or auto: tangent for models without BatchNorm, jvp for models with it",
 )
+
+
+def resolve_hypergrad(mode: str, model: nn.Module) -> str:
+    """`auto` -> the fastest exact way for this model: `tangent` unless it has BatchNorm layers
+    (whose batch statistics couple the examples in training), then `jvp`."""
+    if mode != "auto":
+        return mode
+    return "jvp" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else "tangent"
 
 
 def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
@@ -279,13 +288,13 @@ class MetaGradient:
     gradients of one backward of the noisy batch; the real step back-propagates that forward
     again (exactly, with the new weights)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "tangent"):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "auto"):
         if mode not in HYPERGRAD_MODES:
             raise ValueError(f"hypergradient mode must be one of {HYPERGRAD_MODES}, got {mode!r}")
         self.model = model
         self.optimizer = optimizer
         self.lookahead = Lookahead(model, optimizer, rule)
-        self.mode = mode
+        self.mode = mode = resolve_hypergrad(mode, model)
         # every trainable parameter, or it raises
         self.recorder = joint_batchnorm_recorder(model) if mode == "tangent" else None
 
