@@ -16,7 +16,8 @@ Rows:
   fbr        fbr_direction at B=128, m=2000, d in {64, 512}, C in {10, 100} against its twin (the
              closed form in PyTorch) and against the paper-literal Algorithm 1 (explicit B x m
              centred Gram, per-class means, shift, mask, row sum; the clean mean and Gram are
-             per batch, as written); fbr_prepare, fbr_update_ and centered_gram against twins.
+             per batch, as written); fbr_prepare and fbr_update_ against twins. (centered_gram is
+             not a compiled op: it is one BLAS GEMM and runs its twin.)
   barrier    barrier_stats / barrier_coefficient / barrier_combine_ on gradient lists shaped like
              ResNet-32 (0.46M parameters) and ResNet-34 (21M) against their twins (per-tensor
              loops, float64 accumulation) and, for barrier_stats, a plain float32 per-tensor loop.
@@ -178,12 +179,6 @@ def bench_fbr(timer: Timer, device: torch.device, goals: List[str]) -> Table:
         "twin": lambda: ref.fbr_update_(weights, index, direction, 0.1),
     })
     table.add("fbr_update_", f"n={n} B={B}", "twin", t["twin"], t["nrcore"])
-    feats = torch.randn(B, d, generator=g).to(device)
-    t = timer.compare({
-        "nrcore": lambda: ops.centered_gram(feats, clean),
-        "twin": lambda: ref.centered_gram(feats, clean),
-    })
-    table.add("centered_gram", f"B={B} m={m} d={d}", "twin", t["twin"], t["nrcore"])
     return table
 
 

@@ -3,6 +3,7 @@
 // boundaries, so a list of many small tensors costs no more than one big tensor.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm.h"
 #include "kernels.h"
@@ -32,28 +33,44 @@ inline double hsum(d8 v) {
   return s;
 }
 
-// Sums of x*y over [0, n) in double; float inputs give exact products. Kahan compensation
-// per lane keeps float64 inputs accurate beyond plain double summation.
+// Sums of x*y (and y*y) over [0, n) in double. Products of float inputs are exact in double, so
+// plain double sums (four independent accumulators per lane, to keep the adders busy) suffice;
+// float64 inputs get Kahan compensation per lane instead.
 template <class T, bool kSquare>
 void accumulate(const T* x, const T* y, int64_t n, double& sum_xy, double& sum_yy) {
-  d8 s_xy{}, c_xy{}, s_yy{}, c_yy{};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    d8 yv = load8(y + i);
-    d8 xv = kSquare ? yv : load8(x + i);
-    d8 t, v;
-    v = xv * yv - c_xy;
-    t = s_xy + v;
-    c_xy = (t - s_xy) - v;
-    s_xy = t;
-    if (!kSquare) {
-      v = yv * yv - c_yy;
-      t = s_yy + v;
-      c_yy = (t - s_yy) - v;
-      s_yy = t;
+  double xy = 0.0, yy = 0.0;
+  if constexpr (std::is_same<T, float>::value) {
+    d8 s_xy[4] = {}, s_yy[4] = {};
+    for (; i + 4 * kLanes <= n; i += 4 * kLanes)
+      for (int u = 0; u < 4; ++u) {
+        d8 yv = load8(y + i + u * kLanes);
+        d8 xv = kSquare ? yv : load8(x + i + u * kLanes);
+        s_xy[u] += xv * yv;
+        if (!kSquare) s_yy[u] += yv * yv;
+      }
+    xy = hsum(s_xy[0] + s_xy[1] + s_xy[2] + s_xy[3]);
+    yy = hsum(s_yy[0] + s_yy[1] + s_yy[2] + s_yy[3]);
+  } else {
+    d8 s_xy{}, c_xy{}, s_yy{}, c_yy{};
+    for (; i + kLanes <= n; i += kLanes) {
+      d8 yv = load8(y + i);
+      d8 xv = kSquare ? yv : load8(x + i);
+      d8 t, v;
+      v = xv * yv - c_xy;
+      t = s_xy + v;
+      c_xy = (t - s_xy) - v;
+      s_xy = t;
+      if (!kSquare) {
+        v = yv * yv - c_yy;
+        t = s_yy + v;
+        c_yy = (t - s_yy) - v;
+        s_yy = t;
+      }
     }
+    xy = hsum(s_xy) - hsum(c_xy);
+    yy = hsum(s_yy) - hsum(c_yy);
   }
-  double xy = hsum(s_xy) - hsum(c_xy), yy = hsum(s_yy) - hsum(c_yy);
   for (; i < n; ++i) {
     double yi = static_cast<double>(y[i]);
     xy += (kSquare ? yi : static_cast<double>(x[i])) * yi;

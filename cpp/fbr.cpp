@@ -129,18 +129,6 @@ int update(const FbrUpdateArgs& a) {
   return kOk;
 }
 
-template <class T>
-int gram(const CenteredGramArgs& a) {
-  View<T> A{static_cast<const T*>(a.feats), a.feats_rs, a.feats_cs};
-  View<T> Bt{static_cast<const T*>(a.clean), a.clean_cs, a.clean_rs};  // (k, j) -> clean[j, k]
-  const T* mean = static_cast<const T*>(a.mean);
-  T* out = static_cast<T*>(a.out);
-  gemm<T>(a.batch, a.m, a.d, A, mean, Bt, mean, out, a.m, false, a.nthreads);
-  for (int64_t i = 0, n = a.batch * a.m; i < n; ++i)
-    if (!std::isfinite(out[i])) return kNonFinite;
-  return kOk;
-}
-
 }  // namespace
 
 int fbr_prepare(const FbrPrepareArgs& a) { return a.dtype == kFloat64 ? prepare<double>(a) : prepare<float>(a); }
@@ -148,7 +136,6 @@ int fbr_direction(const FbrDirectionArgs& a) {
   return a.dtype == kFloat64 ? direction<double>(a) : direction<float>(a);
 }
 int fbr_update(const FbrUpdateArgs& a) { return a.dtype == kFloat64 ? update<double>(a) : update<float>(a); }
-int centered_gram(const CenteredGramArgs& a) { return a.dtype == kFloat64 ? gram<double>(a) : gram<float>(a); }
 
 }  // namespace NRCORE_ISA
 }  // namespace nrcore

@@ -10,8 +10,8 @@ namespace {
 // Blocking (BLIS): a KC x NR micro-panel of B (16 KiB: NR elements are two vectors) plus an
 // MR x KC one of A stay in L1 (32 KiB); MC x KC of A in L2.
 constexpr int64_t kKC = 16384 / (2 * kVecBytes);
-constexpr int64_t kMC = 120;   // a multiple of every MR below
-constexpr int64_t kNC = 2048;
+constexpr int64_t kMC = 240;   // a multiple of every MR below
+constexpr int64_t kNC = 512;   // so a KC x NC panel of B and the MC x NC block of C share L2
 
 template <class T, int MR, int NV>
 struct Tiling {

@@ -55,18 +55,6 @@ struct FbrUpdateArgs {
   int nthreads;
 };
 
-struct CenteredGramArgs {
-  int dtype;
-  int64_t batch, m, d;
-  const void* feats;            // [B, d]
-  int64_t feats_rs, feats_cs;
-  const void* clean;            // [m, d]
-  int64_t clean_rs, clean_cs;
-  const void* mean;             // [d] contiguous
-  void* out;                    // [B, m] contiguous, accumulation dtype
-  int nthreads;
-};
-
 // Which contraction the tangent kernels use: by estimated cost, or forced (tests, benchmarks).
 enum TangentStrategy : int { kAuto = 0, kGhost = 1, kExplicit = 2 };
 
@@ -165,7 +153,6 @@ struct CpuKernels {
   int (*fbr_prepare)(const FbrPrepareArgs&);
   int (*fbr_direction)(const FbrDirectionArgs&);
   int (*fbr_update)(const FbrUpdateArgs&);
-  int (*centered_gram)(const CenteredGramArgs&);
   int (*tangent_dot)(const TangentDotArgs&);
   int (*tangent_kernel)(const TangentKernelArgs&);
   int (*conv_tangent_dot)(const ConvTangentDotArgs&);

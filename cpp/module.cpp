@@ -99,14 +99,6 @@ PYBIND11_MODULE(_C, m) {
           NRCORE_RUN(fbr_update, a, device, stream);
         });
 
-  m.def("centered_gram",
-        [](int device, uintptr_t stream, int dtype, int64_t B, int64_t mm, int64_t d, uintptr_t feats, int64_t frs,
-           int64_t fcs, uintptr_t clean, int64_t crs, int64_t ccs, uintptr_t mean, uintptr_t out, int nthreads) -> int {
-          nrcore::CenteredGramArgs a{dtype, B, mm, d, ptr<const void>(feats), frs, fcs, ptr<const void>(clean), crs, ccs,
-                                     ptr<const void>(mean), ptr(out), nthreads};
-          NRCORE_RUN(centered_gram, a, device, stream);
-        });
-
   m.def("tangent_dot",
         [](int device, uintptr_t stream, int dtype, int64_t B, int64_t T, int64_t p, int64_t q, int64_t k,
            uintptr_t acts, int64_t asb, int64_t ast, int64_t asp, uintptr_t grads, int64_t gsb, int64_t gst,

@@ -10,7 +10,6 @@ namespace NRCORE_ISA {
 int fbr_prepare(const FbrPrepareArgs&);
 int fbr_direction(const FbrDirectionArgs&);
 int fbr_update(const FbrUpdateArgs&);
-int centered_gram(const CenteredGramArgs&);
 int tangent_dot(const TangentDotArgs&);
 int tangent_kernel(const TangentKernelArgs&);
 int conv_tangent_dot(const ConvTangentDotArgs&);
@@ -19,9 +18,9 @@ int barrier_stats(const BarrierStatsArgs&);
 int barrier_combine(const BarrierCombineArgs&);
 
 const CpuKernels& kernel_table() {
-  static const CpuKernels table{NRCORE_STR(NRCORE_ISA), &fbr_prepare,      &fbr_direction,       &fbr_update,
-                                &centered_gram,         &tangent_dot,      &tangent_kernel,      &conv_tangent_dot,
-                                &conv_tangent_kernel,   &barrier_stats,    &barrier_combine};
+  static const CpuKernels table{NRCORE_STR(NRCORE_ISA), &fbr_prepare,         &fbr_direction, &fbr_update,
+                                &tangent_dot,           &tangent_kernel,       &conv_tangent_dot,
+                                &conv_tangent_kernel,   &barrier_stats,        &barrier_combine};
   return table;
 }
 

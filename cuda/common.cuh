@@ -20,7 +20,6 @@ enum OpId : int {
   kOpFbrPrepare = 0,
   kOpFbrDirection = 1,
   kOpFbrUpdate = 2,
-  kOpCenteredGram = 3,
   kOpTangentDot = 4,
   kOpTangentKernel = 5,
   kOpBarrierStats = 6,

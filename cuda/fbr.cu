@@ -1,8 +1,7 @@
 // FBR (closed form of Algorithm 1) on CUDA: prepare (per epoch), direction (per batch: one block
-// per row, no B x m matrix), update, and the explicit centred Gram.
+// per row, no B x m matrix) and update.
 #include "../cpp/fbr_formula.h"
 #include "common.cuh"
-#include "gemm.cuh"
 #include "launch.h"
 
 namespace nrcore {
@@ -210,21 +209,6 @@ void fbr_update(const FbrUpdateArgs& a, int device, void* stream_ptr) {
   else
     throw std::invalid_argument("fbr_update_: weights must be float32 or float64");
   check_launch("fbr_update_");
-}
-
-void centered_gram(const CenteredGramArgs& a, int device, void* stream_ptr) {
-  DeviceGuard guard(device);
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  unsigned int* err = error_word(device);
-  NRCORE_CUDA_DISPATCH(a.dtype, T, {
-    using Acc = typename AccOf<T>::type;
-    const Acc* mean = static_cast<const Acc*>(a.mean);
-    Operand<T, Acc> A{static_cast<const T*>(a.feats), a.feats_rs, a.feats_cs, 0, mean};
-    Operand<T, Acc> Bt{static_cast<const T*>(a.clean), a.clean_cs, a.clean_rs, 0, mean};  // (k, j) -> clean[j, k]
-    Acc* out = static_cast<Acc*>(a.out);
-    gemm<T, T, Acc>(1, a.batch, a.m, a.d, A, Bt, out, a.m, 0, false, stream);
-    check_finite<Acc>(out, a.batch * a.m, kOpCenteredGram, err, stream);
-  });
 }
 
 }  // namespace cuda

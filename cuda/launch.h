@@ -11,7 +11,6 @@ namespace cuda {
 void fbr_prepare(const FbrPrepareArgs& a, int device, void* stream);
 void fbr_direction(const FbrDirectionArgs& a, int device, void* stream);
 void fbr_update(const FbrUpdateArgs& a, int device, void* stream);
-void centered_gram(const CenteredGramArgs& a, int device, void* stream);
 void tangent_dot(const TangentDotArgs& a, int device, void* stream);
 void tangent_kernel(const TangentKernelArgs& a, int device, void* stream);
 void barrier_stats(const BarrierStatsArgs& a, int device, void* stream);

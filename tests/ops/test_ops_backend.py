@@ -14,8 +14,8 @@ import torch
 from nrcore import ops
 
 OP_NAMES = [
-    "fbr_prepare", "fbr_direction", "fbr_update_", "centered_gram", "tangent_dot", "tangent_kernel",
-    "barrier_stats", "barrier_coefficient", "barrier_combine_",
+    "fbr_prepare", "fbr_direction", "fbr_update_", "tangent_dot", "tangent_kernel", "conv_tangent_dot",
+    "conv_tangent_kernel", "barrier_stats", "barrier_coefficient", "barrier_combine_",
 ]
 
 
@@ -112,16 +112,17 @@ def _opcheck_cases():
         (torch.ops.nrcore.fbr_prepare, (r(30, 5), torch.arange(30) % 3, 3, True)),
         (torch.ops.nrcore.fbr_direction, (r(8, 5), torch.arange(8) % 3, st.mean, st.basis_t, st.counts, False, True, True, 1.0, 0.5, 1.0)),
         (torch.ops.nrcore.fbr_update_, (torch.rand(20), torch.arange(8), r(8), 0.1)),
-        (torch.ops.nrcore.centered_gram, (r(4, 5), r(6, 5), r(5))),
         (torch.ops.nrcore.tangent_dot, (r(4, 3, 5), r(4, 3, 2), r(2, 2, 5), 0)),
         (torch.ops.nrcore.tangent_kernel, (r(4, 3, 5), r(4, 3, 2), r(3, 2, 5), r(3, 2, 2), 0)),
+        (torch.ops.nrcore.conv_tangent_dot, (r(4, 3, 6, 6), r(4, 2, 6, 6), r(2, 2, 27), [3, 3], [1, 1], [1, 1], [1, 1], 0)),
+        (torch.ops.nrcore.conv_tangent_kernel, (r(4, 3, 6, 6), r(4, 2, 6, 6), r(3, 3, 6, 6), r(3, 2, 6, 6), [3, 3], [1, 1], [1, 1], [1, 1], 0)),
         (torch.ops.nrcore.barrier_stats, ([r(3, 4), r(5)], [r(3, 4), r(5)], [r(7)])),
         (torch.ops.nrcore.barrier_coefficient, (torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64), 0.5)),
         (torch.ops.nrcore.barrier_combine_, ([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], None, 0.3)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9), ids=OP_NAMES)
+@pytest.mark.parametrize("case", range(len(OP_NAMES)), ids=OP_NAMES)
 def test_custom_op_registration_passes_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -42,7 +42,6 @@ OP_IDS = {
     "fbr_prepare": 0,
     "fbr_direction": 1,
     "fbr_update_": 2,
-    "centered_gram": 3,
     "tangent_dot": 4,
     "tangent_kernel": 5,
     "barrier_stats": 6,

@@ -70,28 +70,47 @@ def number(op: str, name: str, value, *, positive: bool = False, nonnegative: bo
     return value
 
 
-def tensor_list(op: str, name: str, value, length: Optional[int] = None) -> List[torch.Tensor]:
-    """A non-empty list/tuple of float tensors of supported dtypes."""
+def tensor_list(op: str, name: str, value, like: Optional[List[torch.Tensor]] = None, like_name: str = "") -> List[torch.Tensor]:
+    """A non-empty list/tuple of float tensors of one supported dtype on one device, each dense in
+    memory (non-dense ones are copied). With `like` (a list already checked), a parallel list:
+    same length, shape, dtype and device per position, and copied into `like`'s memory layout where
+    it differs, so the two can be walked as flat arrays side by side. One pass: gradient lists hold
+    hundreds of tensors and this runs every step."""
     if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{op}: {name} is empty")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{op}: {name} has {len(value)} tensors but {length} were expected (lists must be parallel)")
-    return [floating(op, f"{name}[{i}]", t) for i, t in enumerate(value)]
+    if like is not None and len(value) != len(like):
+        raise ValueError(f"{op}: {name} has {len(value)} tensors but {like_name} has {len(like)}; the lists must be parallel")
+    first = floating(op, f"{name}[0]", value[0])
+    dtype, device = first.dtype, first.device
+    if like is not None and dtype != like[0].dtype:
+        raise TypeError(f"{op}: {name} has dtype {dtype} but {like_name} has {like[0].dtype}; they must match")
+    out = list(value)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype is not dtype:
+            raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but {name}[0] has {dtype}; one dtype per list")
+        if t.device != device:
+            raise ValueError(f"{op}: all tensors must be on one device; {name}[0] is on {device} but {name}[{i}] is on {t.device}")
+        if like is not None:
+            ref = like[i]
+            if t.shape != ref.shape:
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but {like_name}[{i}] has {tuple(ref.shape)}")
+            if t.stride() != ref.stride():
+                out[i] = torch.empty_like(ref).copy_(t)
+        elif not t.is_contiguous() and not is_dense(t):
+            out[i] = t.contiguous()
+    return out
 
 
-def list_device(op: str, lists: Sequence[tuple]) -> torch.device:
-    """The one device of every tensor in (name, list) pairs."""
-    device = None
-    first = None
-    for name, tensors in lists:
-        for i, t in enumerate(tensors):
-            if device is None:
-                device, first = t.device, f"{name}[{i}]"
-            elif t.device != device:
-                raise ValueError(f"{op}: all tensors must be on one device; {first} is on {device} but {name}[{i}] is on {t.device}")
-    return device
+def lists_on_one_device(op: str, lists: Sequence[tuple]) -> None:
+    """(name, checked list) pairs: the lists' first tensors share a device."""
+    name0, first = lists[0]
+    for name, tensors in lists[1:]:
+        if tensors and tensors[0].device != first[0].device:
+            raise ValueError(f"{op}: all tensors must be on one device; {name0}[0] is on {first[0].device} but {name}[0] is on {tensors[0].device}")
 
 
 def is_dense(t: torch.Tensor) -> bool:

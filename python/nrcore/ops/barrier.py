@@ -31,22 +31,6 @@ def _numels(tensors: Sequence[Tensor]) -> List[int]:
     return [t.numel() for t in tensors]
 
 
-def _dense_like(t: Tensor, layout: Tensor) -> Tensor:
-    """t itself when its memory can be walked flat in the same order as `layout`'s, else a copy
-    in `layout`'s memory order."""
-    if t.stride() == layout.stride() and V.is_dense(t):
-        return t
-    return torch.empty_like(layout).copy_(t)
-
-
-def _single_dtype(op: str, name: str, tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for i, t in enumerate(tensors):
-        if t.dtype != dtype:
-            raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but {name}[0] has {dtype}; one dtype per list")
-    return dtype
-
-
 # ---------------------------------------------------------------------------------------------
 # barrier_stats
 # ---------------------------------------------------------------------------------------------
@@ -86,21 +70,10 @@ def barrier_stats(grads_f_w: Sequence[Tensor], grads_q_w: Sequence[Tensor], grad
     non-finite (the sums are then meaningless), else 0.0. No host sync.
     """
     op = "barrier_stats"
-    f = V.tensor_list(op, "grads_f_w", grads_f_w)
-    q = V.tensor_list(op, "grads_q_w", grads_q_w, len(f))
+    q = V.tensor_list(op, "grads_q_w", grads_q_w)
+    f = V.tensor_list(op, "grads_f_w", grads_f_w, like=q, like_name="grads_q_w")
     a = V.tensor_list(op, "grads_q_alpha", grads_q_alpha)
-    V.list_device(op, [("grads_f_w", f), ("grads_q_w", q), ("grads_q_alpha", a)])
-    dtype = _single_dtype(op, "grads_q_w", q)
-    _single_dtype(op, "grads_f_w", f)
-    if f[0].dtype != dtype:
-        raise TypeError(f"{op}: grads_f_w has dtype {f[0].dtype} but grads_q_w has {dtype}; they must match")
-    _single_dtype(op, "grads_q_alpha", a)
-    for i, (fi, qi) in enumerate(zip(f, q)):
-        if fi.shape != qi.shape:
-            raise ValueError(f"{op}: grads_f_w[{i}] has shape {tuple(fi.shape)} but grads_q_w[{i}] has {tuple(qi.shape)}")
-    q = [qi if V.is_dense(qi) else qi.contiguous() for qi in q]
-    f = [_dense_like(fi, qi) for fi, qi in zip(f, q)]
-    a = [ai if V.is_dense(ai) else ai.contiguous() for ai in a]
+    V.lists_on_one_device(op, [("grads_q_w", q), ("grads_f_w", f), ("grads_q_alpha", a)])
     return B.call(_barrier_stats_op, _barrier_stats_impl, f, q, a)
 
 
@@ -197,21 +170,12 @@ def barrier_combine_(
     """
     op = "barrier_combine_"
     o = V.tensor_list(op, "outs", outs)
-    q = V.tensor_list(op, "grads_q", grads_q, len(o))
-    f = V.tensor_list(op, "grads_f", grads_f, len(o)) if grads_f is not None else []
-    V.list_device(op, [("outs", o), ("grads_f", f), ("grads_q", q)])
-    dtype = _single_dtype(op, "outs", o)
-    for name, lst in (("grads_f", f), ("grads_q", q)):
-        for i, t in enumerate(lst):
-            if t.dtype != dtype:
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but outs[{i}] has {dtype}; they must match")
-            if t.shape != o[i].shape:
-                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but outs[{i}] has {tuple(o[i].shape)}")
     for i, t in enumerate(o):
-        if not V.is_dense(t):
-            raise ValueError(f"{op}: outs[{i}] is not dense (strides {t.stride()}); pass a contiguous tensor")
-    q = [_dense_like(t, oi) for t, oi in zip(q, o)]
-    f = [_dense_like(t, oi) for t, oi in zip(f, o)]
+        if t is not outs[i]:
+            raise ValueError(f"{op}: outs[{i}] is not dense (strides {outs[i].stride()}); pass a contiguous tensor")
+    q = V.tensor_list(op, "grads_q", grads_q, like=o, like_name="outs")
+    f = V.tensor_list(op, "grads_f", grads_f, like=o, like_name="outs") if grads_f is not None else []
+    V.lists_on_one_device(op, [("outs", o), ("grads_f", f), ("grads_q", q)])
     coef_tensor, coef_value = None, 0.0
     if isinstance(coef, torch.Tensor):
         if coef.numel() != 1 or not coef.is_floating_point():
