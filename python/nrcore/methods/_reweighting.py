@@ -7,23 +7,28 @@ method itself (`_` modules are not registered). See docs/methods-reweighting.md.
   plain SGD at the current learning rate (`S = η`, the FBR paper's Section 2 and L2RW) or the
   real optimiser's rule with momentum and weight decay (Meta-Weight-Net).
 * `MetaGradient`: `∂L_val(θ'(w)) / ∂w_i` for a noisy batch, where `L_val` is the mean
-  cross-entropy of a clean batch at `θ'`. Two ways, same number:
+  cross-entropy of a clean batch at `θ'`. `θ'` is affine in `w`, so
+  `∂L_val/∂w_i = -(1/B) <∇θ l_i(θ), S ∇θ L_val(θ')>` exactly, and the modes differ only in how the
+  per-example products are formed:
 
-    autograd  differentiate through the pseudo update (double backprop; the reference, as in
-              the L2RW and MW-Net code);
-    tangent   `θ'` is affine in `w`, so `∂L_val/∂w_i = -(1/B) <∇θ l_i(θ), S ∇θ L_val(θ')>`
-              exactly: one backward of the noisy batch recording each layer's inputs and output
-              gradients, one forward+backward of the clean batch at `θ'`, and one per-example
-              gradient/vector product (`nrcore.ops.tangent_dot`), no second derivatives.
+    tangent   one backward of the noisy batch recording each layer's inputs and output gradients
+              (nrcore.ops recorder), per-example gradients contracted with the clean gradient
+              (formed once when they fit in memory, else nrcore.ops.tangent_dot);
+    jvp       the directional derivatives of the per-example losses along the clean gradient, one
+              forward-mode pass;
+    autograd  differentiate through the pseudo update (double backprop; the reference, as in the
+              L2RW and MW-Net code);
+    auto      tangent for models without BatchNorm, jvp for models with it.
 
 BatchNorm. The real forward of the noisy batch is the only one that updates running
 statistics, and the real step is always the exact autograd gradient of the weighted loss
 through that forward; look-ahead forwards of the clean batch use batch statistics on throw-away
-buffers (`functional_forward`). The autograd path differentiates through the batch statistics.
-The tangent path's per-example gradients `G_i = Σ_t g_i[t] a_i[t]^T` take `g_i` from the batch's
-joint backward through the native BatchNorm (`JointBatchNormRecorder`): exact per example on
-models without BatchNorm or with BatchNorm in eval mode (the tests check both against autograd),
-and in train mode a decomposition whose sum over the batch is the exact batch gradient.
+buffers (`functional_forward`). `jvp` and `autograd` differentiate through the batch statistics
+of a train-mode BatchNorm. `tangent` takes `g_i` from the batch's joint backward through the
+native BatchNorm (`joint_batchnorm_recorder`): exact per example on models without BatchNorm or
+with BatchNorm in eval mode, and in train mode only a decomposition whose sum over the batch is
+the exact batch gradient, which on the `cnn` loses much of the hypergradient's signal (measured
+in docs/methods-reweighting.md); hence `auto`.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ hypergradient `∂L_val/∂w_i = -η <∇θ l_i(θ), ∇θ L_val(θ')>` the upda
 `w_i <- clip(w_i + β <∇θ l_i(θ), ∇θ L_val(θ')>)`: β is the weight change per unit of
 gradient alignment, independent of the learning rate and batch size (the paper's `αη = β`).
 
-`--hypergrad tangent` (default) computes that inner product per example without second
-derivatives (nrcore.ops.tangent_dot); `--hypergrad autograd` differentiates through the pseudo
-update. They agree exactly without BatchNorm or with BatchNorm in eval mode; in train mode the
-tangent path treats batch statistics as constants (see nrcore.methods._reweighting).
+`--hypergrad` picks how the inner products are computed, all without second derivatives but
+`autograd` (see nrcore.methods._reweighting): `tangent` (per-example gradients of one recorded
+backward, nrcore.ops; exact without train-mode BatchNorm), `jvp` (forward mode; exact always),
+`autograd` (through the pseudo update; the reference) or `auto` (default: tangent for models
+without BatchNorm, jvp for models with it).
 """
 
 from __future__ import annotations

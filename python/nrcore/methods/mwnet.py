@@ -10,7 +10,7 @@ clean batch through a one-step look-ahead. Per step, with `l_i` the noisy batch'
     θ      <- SGD(θ, ∇θ (1/|B|) Σ_i V_φ(l_i) l_i(θ))            with the updated φ
 
 ∇φ L_val = Σ_i (∂L_val/∂w_i) ∂w_i/∂φ, with ∂L_val/∂w_i the per-example hypergradient the family
-shares (exact via `--hypergrad tangent` or `autograd`). Defaults follow the authors' code: Adam
+shares (`--hypergrad`, as in `meta`). Defaults follow the authors' code: Adam
 lr 1e-3, weight decay 1e-4, weights not normalised by their sum.
 
 Exposed per-example weight (`example_weights`, in [0, 1]): the latest `V_φ(l_i)` each example
