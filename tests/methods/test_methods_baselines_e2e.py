@@ -45,3 +45,21 @@ def test_phased_baselines_estimate_the_matrix_then_correct(run_tiny, method, set
     # better than guessing "no noise" (identity: row L1 error 0.8 for pair40)
     assert records[-1]["transition_l1_error"] == pytest.approx(saved["row_l1_error"])
     assert saved["row_l1_error"] < 0.8
+
+
+@pytest.mark.parametrize("method,stop_after", [("glc", 2), ("forward", 3), ("coteaching", 1)])
+def test_resuming_across_a_phase_boundary_repeats_the_uninterrupted_run(tmp_path, method, stop_after):
+    """glc stops after phase 1 (the estimate is made on resume), forward inside phase 2 (the
+    estimate comes from the checkpoint), coteaching after its first epoch (two networks)."""
+    from nrcore.train import resolve_config, train
+
+    tiny = dict(dataset="digits", epochs=2, batch_size=64, clean_size=100, val_size=100, model="cnn", threads=1)
+    cfg = resolve_config(cli={**tiny, "method": method, "noise": "pair40"}, cli_method_options={})
+    train(cfg, tmp_path / "full")
+    assert train(cfg, tmp_path / "split", stop_after_epoch=stop_after)["epochs"] == stop_after
+    train(cfg, tmp_path / "split", resume=True)
+    full, split = _records(tmp_path / "full"), _records(tmp_path / "split")
+    assert len(full) == len(split) == (2 if method == "coteaching" else 4)
+    for a, b in zip(full, split):
+        for key in ("train_loss", "test_acc", "val_acc", "lr", "phase", "transition_l1_error", "forget_rate"):
+            assert a.get(key) == b.get(key), (key, a["epoch"])
