@@ -53,7 +53,7 @@ HYPERGRAD_OPTION = Option(
 
 
 def resolve_hypergrad(mode: str, model: nn.Module) -> str:
-    """`auto` -> the fastest exact way for this model: `tangent` unless it has BatchNorm layers
+    """`auto` -> the cheapest exact way for this model: `tangent` unless it has BatchNorm layers
     (whose batch statistics couple the examples in training), then `jvp`."""
     if mode != "auto":
         return mode
@@ -213,14 +213,13 @@ class ExampleGradients:
     def weighted_sum(self, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
         """`Σ_i w_i G_i` per parameter name; `weights` [B], or [k, B] for k sums at once
         (then each value is [k, *shape])."""
-        if weights.dim() == 2:
-            sums = [self.weighted_sum(row) for row in weights] if self.explicit is None else None
-            if sums is not None:
-                return {n: torch.stack([s[n] for s in sums]) for n in sums[0]}
-            return {n: (weights.to(g.dtype) @ g).view(weights.shape[0], *self.recorder.parameters[n].shape) for n, g in self.explicit.items()}
         if self.explicit is None:
-            return self.recorder.weighted_sum(weights)
-        return {n: (weights.to(g.dtype) @ g).view_as(self.recorder.parameters[n]) for n, g in self.explicit.items()}
+            if weights.dim() == 1:
+                return self.recorder.weighted_sum(weights)
+            sums = [self.recorder.weighted_sum(row) for row in weights]
+            return {n: torch.stack([s[n] for s in sums]) for n in sums[0]}
+        lead = weights.shape[:-1]
+        return {n: (weights.to(g.dtype) @ g).view(*lead, *self.recorder.parameters[n].shape) for n, g in self.explicit.items()}
 
     def sq_norms(self) -> torch.Tensor:
         """[B]: `|G_i|²`."""

@@ -25,9 +25,7 @@ class LearningToReweight(ReweightingMethod):
     name = "l2rw"
     summary = "Learning to Reweight: per-batch weights from the clipped, normalised hypergradient at zero weights"
     paper = "Ren et al., ICML 2018"
-    options = (
-        HYPERGRAD_OPTION,
-    )
+    options = (HYPERGRAD_OPTION,)
     initial_weight = 1.0
 
     def __init__(self, ctx, hypergrad):
@@ -39,8 +37,8 @@ class LearningToReweight(ReweightingMethod):
         zeros = torch.zeros_like(fwd.losses)
         hypergrad, val_loss = self.metagrad.hypergradient(fwd, zeros, clean.x, clean.y, at_zero=True)
         useful = (-hypergrad).clamp_min(0.0)
-        total, top = useful.sum(), useful.max()
-        weights = torch.where(total > 0, useful / total.clamp_min(torch.finfo(useful.dtype).tiny), useful)
-        self.weights[batch.index] = torch.where(top > 0, useful / top.clamp_min(torch.finfo(useful.dtype).tiny), useful)
+        tiny = torch.finfo(useful.dtype).tiny  # all zero stays all zero
+        weights = useful / useful.sum().clamp_min(tiny)
+        self.weights[batch.index] = useful / useful.max().clamp_min(tiny)
         loss = self.metagrad.step(fwd, weights, mean=False)
         return StepOutput(loss=loss, stats={"meta_loss": val_loss, "kept": (useful > 0).float().mean()})
