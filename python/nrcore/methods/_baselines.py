@@ -115,14 +115,14 @@ class TransitionCorrection(Method):
 
     1. cross-entropy on the noisy labels (the model whose predictions estimate the matrix);
     2. at the first epoch of phase 2, `estimate_transition()` is called with that model, then
-       the network is re-initialised (a fresh draw, as the papers train a new network), its
+       the network is re-initialised (a fresh draw from the RNG the trainer seeds per epoch), its
        optimiser state cleared, and it trains with `corrected_loss`.
 
     A phased run therefore costs two ordinary runs. The metrics of every epoch carry `phase`
     (1 or 2); only phase-2 epochs are results of the method. Without `phased` the matrix is
     given up front (`initial_transition`) and the run is one phase of correction.
 
-    Subclasses define `corrected_loss(logits_fn, batch, clean)` and, when phased,
+    Subclasses define `corrected_loss(batch, clean)` and, when phased,
     `estimate_transition()`. Changing `--epochs` when resuming moves the phase boundary: don't.
     """
 
@@ -206,10 +206,10 @@ class TransitionCorrection(Method):
 def forget_rate_at(epoch: int, forget_rate: float, num_gradual: int, exponent: float = 1.0) -> float:
     """Co-teaching's schedule: the fraction of each batch dropped during `epoch` (0-based).
 
-    Han et al. (2018), Alg. 1 and Sec. 4: `R(T) = 1 - tau * min(T^c / T_k, 1)` is the fraction
-    kept in epoch T+1 after T finished epochs, so the first epoch keeps everything and the full
-    rate tau is reached after `T_k = num_gradual` epochs (c = `exponent`, 1 in the paper's main
-    runs). The authors' code uses `linspace(0, tau, T_k)`, which reaches tau one epoch earlier."""
+    Han et al. (2018), Alg. 1: `R(T) = 1 - tau * min(T / T_k, 1)` is the fraction kept in epoch
+    T+1 after T finished epochs, so the first epoch keeps everything and the full rate tau is
+    reached after `T_k = num_gradual` epochs. `exponent` c bends the ramp, `T^c / T_k`, for
+    studies of its shape (the paper varies c in {0.5, 1, 2}); c = 1 is the paper's main setting. The authors' code uses `linspace(0, tau, T_k)`, which reaches tau one epoch earlier."""
     if num_gradual <= 0:
         return forget_rate
     return forget_rate * min(epoch**exponent / num_gradual, 1.0)

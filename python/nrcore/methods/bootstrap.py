@@ -47,7 +47,7 @@ class Bootstrap(Method):
     paper = "Reed et al., ICLR workshop 2015"
     options = (
         Option("bootstrap_mode", ("soft", "hard"), "soft", "soft: mix in the predicted distribution (beta 0.95); hard: mix in its argmax (beta 0.8)"),
-        Option("bootstrap_beta", float, None, "weight of the given label in the target (default: the paper's, 0.95 soft / 0.8 hard)"),
+        Option("bootstrap_beta", float, None, "weight of the given label in the target; unset: the paper's 0.95 (soft) or 0.8 (hard)"),
     )
 
     def __init__(self, ctx, bootstrap_mode: str = "soft", bootstrap_beta: Optional[float] = None):

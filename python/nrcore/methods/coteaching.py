@@ -28,7 +28,7 @@ from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
 
 SELECTION_OPTIONS = (
-    Option("forget_rate", float, None, "tau: fraction of each batch dropped once the ramp is over (default: the task's nominal noise rate)"),
+    Option("forget_rate", float, None, "tau: fraction of each batch dropped once the ramp is over; unset: the task's nominal noise rate"),
     Option("num_gradual", int, 10, "T_k: epochs over which the forget rate ramps from 0 to tau"),
     Option("forget_exponent", float, 1.0, "c in the ramp tau * min(T^c / T_k, 1) (Co-teaching's sensitivity study: 0.5, 1, 2)"),
 )

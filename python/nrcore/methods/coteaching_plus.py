@@ -43,7 +43,7 @@ class CoTeachingPlus(TwoNetworkSelection):
     summary = "Co-teaching+: Co-teaching on the examples the two networks disagree on, after a Co-teaching warm-up"
     paper = "Yu et al., ICML 2019"
     options = SELECTION_OPTIONS + (
-        Option("init_epoch", int, None, "epochs of plain Co-teaching before the disagreement rule (default: 20 CIFAR-10, 5 CIFAR-100, 0 otherwise)"),
+        Option("init_epoch", int, None, "epochs of plain Co-teaching before the disagreement rule; unset: 20 on CIFAR-10, 5 on CIFAR-100, 0 otherwise (the authors' values)"),
     )
 
     def __init__(self, ctx, forget_rate: Optional[float] = None, num_gradual: int = 10, forget_exponent: float = 1.0, init_epoch: Optional[int] = None):
