@@ -63,3 +63,15 @@ def test_resuming_across_a_phase_boundary_repeats_the_uninterrupted_run(tmp_path
     for a, b in zip(full, split):
         for key in ("train_loss", "test_acc", "val_acc", "lr", "phase", "transition_l1_error", "forget_rate"):
             assert a.get(key) == b.get(key), (key, a["epoch"])
+
+
+def test_phased_methods_select_only_in_their_correcting_phase(run_tiny):
+    import json
+
+    summary, run_dir = run_tiny("glc", noise="pair40", epochs=2)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("selectable", True) for r in records] == [False, False, True, True]
+    phase2 = records[2:]
+    best = max(phase2, key=lambda r: r["val_acc"])
+    assert summary["best_val_epoch"] == best["epoch"] and summary["test_acc_best_val"] == best["test_acc"]
+    assert summary["test_acc_max"] == max(r["test_acc"] for r in phase2)

@@ -145,6 +145,9 @@ class TransitionCorrection(Method):
     def phase(self, epoch: int) -> int:
         return 2 if not self.phased or epoch >= self.ctx.epochs else 1
 
+    def counts_for_selection(self, epoch: int) -> bool:
+        return self.phase(epoch) == 2  # phase 1 is plain cross-entropy, not this method's model
+
     def start_epoch(self, epoch: int) -> None:
         self.correcting = self.phase(epoch) == 2
         if self.phased and epoch == self.ctx.epochs:
