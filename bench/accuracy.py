@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path
+from variants import Variant, parse_variant, split_variants  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 LABEL_CORRECTION = ("mlc", "mlc-d", "ebomlc")  # issue 4 (with ce)
@@ -62,61 +65,6 @@ HARMLESS = {"device", "threads", "data_dir", "download"}
 
 
 # ---- what to run ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Variant:
-    """A method and the options that differ from its defaults."""
-
-    method: str
-    options: Tuple[Tuple[str, Any], ...] = ()
-
-    @property
-    def slug(self) -> str:
-        """Folder name: fbr, fbr_no-center, bootstrap_bootstrap-mode-hard ..."""
-        parts = [self.method]
-        for key, value in self.options:
-            flag = key.replace("_", "-")
-            if isinstance(value, bool):
-                parts.append(flag if value else f"no-{flag}")
-            else:
-                parts.append(f"{flag}-{value}")
-        return "_".join(parts)
-
-
-def parse_variant(text: str, registry: Dict[str, type]) -> Variant:
-    """`method` or `method:opt=value,opt=value`, values typed by the method's Option."""
-    method, _, rest = text.partition(":")
-    method = method.strip()
-    if method not in registry:
-        return Variant(method, ())  # caller warns and skips it
-    options = {o.name: o for o in registry[method].options}
-    parsed = []
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in options:
-            known = ", ".join(options) or "none"
-            raise SystemExit(f"error: {text!r}: expected option=value with an option of {method} ({known})")
-        parsed.append((key, _typed(options[key], raw.strip(), text)))
-    return Variant(method, tuple(sorted(parsed)))
-
-
-def _typed(option, raw: str, where: str) -> Any:
-    if option.type is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"error: {where!r}: {option.name} is true or false, got {raw!r}")
-    if isinstance(option.type, tuple):
-        if raw not in option.type:
-            raise SystemExit(f"error: {where!r}: {option.name} is one of {', '.join(option.type)}, got {raw!r}")
-        return raw
-    try:
-        return option.type(raw)
-    except ValueError:
-        raise SystemExit(f"error: {where!r}: {option.name} needs a {option.type.__name__}, got {raw!r}") from None
-
-
 @dataclass
 class GridRun:
     variant: Variant
@@ -145,7 +93,7 @@ def build_grid(args) -> Tuple[List[GridRun], List[str]]:
     if args.ablation:
         blocks = ABLATIONS[args.ablation]
     elif args.methods or args.noise:
-        methods = tuple(args.methods.split(",")) if args.methods else tuple(dict.fromkeys(m for ms, _ in DEFAULT_GRID for m in ms))
+        methods = tuple(split_variants(args.methods)) if args.methods else tuple(dict.fromkeys(m for ms, _ in DEFAULT_GRID for m in ms))
         noises = tuple(args.noise.split(",")) if args.noise else ("sym80", "unif40")
         blocks = ((methods, noises),)
     else:

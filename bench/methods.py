@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path
+from variants import parse_variant, split_variants  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "ce"
 
@@ -82,7 +85,8 @@ class Bench:
         return cls(args, task, device, batches, clean_batches)
 
     def build(self, name: str):
-        """(method object, epochs of a run): constructed as the trainer constructs it."""
+        """(method object, epochs of a run) for a variant `method[:opt=value,...]`, constructed
+        as the trainer constructs it."""
         import torch
 
         from nrcore.methods import MethodContext, OptimConfig, get_method
@@ -90,7 +94,7 @@ class Bench:
         from nrcore.models import build_model
 
         cfg = config_for(self.args, name)
-        cls = get_method(name)
+        cls = get_method(cfg.method)
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         ctx = MethodContext(
             task=self.task,
@@ -118,14 +122,16 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def config_for(args, method: str):
+def config_for(args, name: str):
+    from nrcore.methods import registry
     from nrcore.train import resolve_config
 
-    given = {"method": method, "dataset": args.dataset, "data_dir": args.data_dir, "noise": args.noise, "device": args.device}
+    variant = parse_variant(name, registry())
+    given = {"method": variant.method, "dataset": args.dataset, "data_dir": args.data_dir, "noise": args.noise, "device": args.device}
     for key in ("model", "batch_size", "threads"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
-    return resolve_config(cli=given, cli_method_options={})
+    return resolve_config(cli=given, cli_method_options=dict(variant.options))
 
 
 def _take(loader, count: int) -> list:
@@ -324,7 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="task to time on (default mnist10k when its data is found, else digits)")
     p.add_argument("--data-dir", default=default_data_dir(), help="data folder (default $NRCORE_DATA, else ../shared/data when present)")
     p.add_argument("--noise", default="sym80", help="noise spec (default sym80; matters for methods whose defaults read the noise rate)")
-    p.add_argument("--methods", help="comma-separated methods (default: every registered method)")
+    p.add_argument("--methods", help="comma-separated methods or variants method:opt=value (default: every registered method)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--model", help="model (default: the dataset's, cnn for mnist10k/digits)")
     p.add_argument("--batch-size", type=int, help="noisy batch size, also the trusted batch size (default: the dataset's)")
@@ -353,8 +359,8 @@ def main(argv=None) -> int:
     from nrcore.methods import registry
 
     reg = registry()
-    names = args.methods.split(",") if args.methods else list(reg)
-    unknown = [n for n in names if n not in reg]
+    names = split_variants(args.methods) if args.methods else list(reg)
+    unknown = [n for n in names if parse_variant(n, reg).method not in reg]
     if unknown:
         print(f"warning: not registered, skipped: {', '.join(unknown)}", file=sys.stderr)
         names = [n for n in names if n in reg]

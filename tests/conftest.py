@@ -15,6 +15,18 @@ from pathlib import Path
 
 import pytest
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny tensors run faster on one thread, and CI's 2 cores are shared with the compiled
+    kernels' own pool; $NRCORE_TEST_THREADS overrides."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("NRCORE_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY_SETTINGS = dict(dataset="digits", epochs=2, batch_size=64, clean_size=100, val_size=100, model="cnn", threads=1)
 
 SUMMARY_KEYS = (
