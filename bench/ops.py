@@ -313,10 +313,17 @@ def tangent_setup(device: torch.device, batch: int = 128):
         h = h.detach().requires_grad_(True)
         with rec_a.record(directions=directions):  # contract during the backward, keep nothing
             torch.autograd.grad((head(h) @ r).sum(), [h])
-        return rec_a.streamed_dots()
+        return rec_a.streamed()
 
     def nrcore_kernel(ha, hb):
         return record(rec_a, ha).kernel(record(rec_b, hb))
+
+    def nrcore_kernel_streamed(ha, hb):
+        record(rec_a, ha)
+        hb = hb.detach().requires_grad_(True)
+        with rec_b.record(kernel_with=rec_a):  # batch b streams against the stored batch a
+            torch.autograd.grad((head(hb) @ r).sum(), [hb])
+        return rec_b.streamed().T
 
     contenders = {
         "func-dot": lambda: func_dot(hs[0]),
@@ -324,6 +331,7 @@ def tangent_setup(device: torch.device, batch: int = 128):
         "nrcore-dot-streamed": lambda: nrcore_dot_streamed(hs[0]),
         "func-kernel": lambda: func_kernel(hs[0], hs[1]),
         "nrcore-kernel": lambda: nrcore_kernel(hs[0], hs[1]),
+        "nrcore-kernel-streamed": lambda: nrcore_kernel_streamed(hs[0], hs[1]),
     }
     warmup = lambda: record(ops.PerSampleGradRecorder(head), hs[2])  # noqa: E731
     return dict(head=head, hs=hs, contenders=contenders, warmup=warmup, record=record, directions=directions,
@@ -392,13 +400,15 @@ def bench_tangent(timer: Timer, device: torch.device, goals: List[str]) -> Table
         goals.append(goal(f"tangent_dot ({how}) vs torch.func: time", t["func-dot"] / t[name], 3.0))
         if mem["func-dot"] and mem[name]:
             goals.append(goal(f"tangent_dot ({how}) vs torch.func: peak memory", mem["func-dot"] / mem[name], 5.0))
-    t = timer.compare({name: c[name] for name in ("func-kernel", "nrcore-kernel")})
-    mem = {name: measure_peak(name, device) for name in ("func-kernel", "nrcore-kernel")}
-    table.add("tangent_kernel", "B=128 x M=128, two records", "torch.func vmap(grad)", t["func-kernel"], t["nrcore-kernel"],
-              mem["func-kernel"], mem["nrcore-kernel"])
-    goals.append(goal("tangent_kernel vs torch.func: time", t["func-kernel"] / t["nrcore-kernel"], 3.0))
-    if mem["func-kernel"] and mem["nrcore-kernel"]:
-        goals.append(goal("tangent_kernel vs torch.func: peak memory", mem["func-kernel"] / mem["nrcore-kernel"], 5.0))
+    names = ("func-kernel", "nrcore-kernel", "nrcore-kernel-streamed")
+    t = timer.compare({name: c[name] for name in names})
+    mem = {name: measure_peak(name, device) for name in names}
+    for name, how in (("nrcore-kernel", "two records"), ("nrcore-kernel-streamed", "record(kernel_with=)")):
+        table.add("tangent_kernel", f"B=128 x M=128, {how}", "torch.func vmap(grad)", t["func-kernel"], t[name],
+                  mem["func-kernel"], mem[name])
+        goals.append(goal(f"tangent_kernel ({how}) vs torch.func: time", t["func-kernel"] / t[name], 3.0))
+        if mem["func-kernel"] and mem[name]:
+            goals.append(goal(f"tangent_kernel ({how}) vs torch.func: peak memory", mem["func-kernel"] / mem[name], 5.0))
 
     # The compiled ops against their twins on the recorded layers' own inputs (conv layers: the
     # Conv2d forms, whose twins unfold with torch; the classifier: the generic ops).

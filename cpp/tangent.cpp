@@ -19,8 +19,11 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Elements of one side's explicit per-example gradients held at once (16 MiB in float32).
+// Elements of explicit per-example gradients held at once: per side for a kernel (both sides
+// formed once when they fit: 16 MiB each in float32), and for a dot, where chunks cost nothing
+// but another pass over the directions (4 MiB).
 constexpr int64_t kExplicitBudget = int64_t(4) << 20;
+constexpr int64_t kExplicitDotBudget = int64_t(1) << 20;
 // Rows of a ghost block (examples x positions) per GEMM.
 constexpr int64_t kGhostRows = 256;
 // Multiply-adds below which a second thread costs more than it saves.
@@ -110,7 +113,7 @@ struct ConvGrads {
 // the same way, gsize elements each).
 template <class T, class Former>
 void explicit_dot(const Former& form, int64_t B, int64_t gsize, const T* D, int64_t k, T* out, int nthreads) {
-  int64_t chunk = max64(1, kExplicitBudget / max64(1, gsize));
+  int64_t chunk = max64(1, kExplicitDotBudget / max64(1, gsize));
   Scratch g_buf(sizeof(T) * min64(chunk, B) * gsize);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     int64_t b1 = min64(B, b0 + chunk);

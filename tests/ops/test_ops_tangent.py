@@ -147,11 +147,23 @@ def test_recorder_matches_torch_func(device, make_model, shape):
     stacked = {n: torch.stack([dd[n] for dd in dirs]) for n in names}
     torch.testing.assert_close(rec.dot_many(stacked), want_many, rtol=1e-9, atol=1e-10)
 
+    streaming = ops.PerSampleGradRecorder(model)
+    with streaming.record(directions=dirs):
+        F.cross_entropy(model(x), y, reduction="none").sum().backward()
+    torch.testing.assert_close(streaming.streamed(), want_many, rtol=1e-9, atol=1e-10)
+    assert all(not layer.uses for layer in streaming._layers)  # nothing kept
+    with pytest.raises(RuntimeError, match="keeps nothing but streamed"):
+        streaming.kernel()
+
     torch.testing.assert_close(rec.kernel(), G @ G.T, rtol=1e-9, atol=1e-10)
     x2, y2 = torch.randn(4, *shape, dtype=torch.float64, device=device), torch.randint(0, 5, (4,), device=device)
     rec2 = record(model, x2, y2)
     G2 = flat(torch_func_per_sample(model, x2, y2), names)
     torch.testing.assert_close(rec.kernel(rec2), G @ G2.T, rtol=1e-9, atol=1e-10)
+    streaming = ops.PerSampleGradRecorder(model)
+    with streaming.record(kernel_with=rec):
+        F.cross_entropy(model(x2), y2, reduction="none").sum().backward()
+    torch.testing.assert_close(streaming.streamed(), G2 @ G.T, rtol=1e-9, atol=1e-10)
 
     w = torch.rand(7, dtype=torch.float64, device=device)
     summed = rec.weighted_sum(w)

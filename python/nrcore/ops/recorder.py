@@ -10,6 +10,10 @@
     rec.weighted_sum(w)           # {name: sum_i w_i g_i}
     rec.per_sample_grads()        # {name: [B, *shape]} explicit (small models, tests)
 
+    with rec.record(directions=dirs):   # streaming: contract during the backward, keep nothing
+        ...backward...
+    rec.streamed()                # [B, k]; record(kernel_with=stored_rec) streams a kernel instead
+
 g_i is example i's gradient of what was back-propagated, restricted to the recorded parameters.
 Scale convention: back-propagate the SUM of per-example losses, so g_i = grad l_i and
 weighted_sum(w) = grad sum_i w_i l_i. Back-propagating c * sum_i l_i scales every g_i by c (so
@@ -63,12 +67,21 @@ _UNFOLD_BUDGET = 4 << 20
 @dataclass
 class _Use:
     """One call of a recorded layer: its input (Linear/Conv2d) or normalised input (BatchNorm)
-    and the gradient of its output."""
+    and the gradient of its output. A BatchNorm use may instead keep its raw input and the
+    (mean, var, eps) it was normalised with (`norm`), so x-hat is formed only when queried."""
 
     inp: Tensor
     version: int
     source: Optional[Tensor]
     grad: Optional[Tensor] = None
+    norm: Optional[Tuple[Tensor, Tensor, float]] = None
+
+    def normalized(self) -> Tensor:
+        if self.norm is None:
+            return self.inp
+        mean, var, eps = self.norm
+        shape = [1, -1] + [1] * (self.inp.dim() - 2)
+        return (self.inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
 
 
 @dataclass
@@ -184,6 +197,8 @@ class PerSampleGradRecorder:
         self._param_names = {id(p): n for layer in self._layers for n, p in layer.params.values()}
         self._params = {n: p for layer in self._layers for n, p in layer.params.values()}
         self._recording = False
+        self._stream: Optional[Tuple[Dict[str, Tensor], int]] = None
+        self._streamed: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ recording
 
@@ -201,11 +216,29 @@ class PerSampleGradRecorder:
             layer.uses = []
 
     @contextlib.contextmanager
-    def record(self) -> Iterator["PerSampleGradRecorder"]:
-        """Record during the forward and backward run inside this block (previous data is dropped)."""
+    def record(self, directions=None, kernel_with: Optional["PerSampleGradRecorder"] = None) -> Iterator["PerSampleGradRecorder"]:
+        """Record during the forward and backward run inside this block (previous data is dropped).
+
+        Streaming (lowest memory: each layer's per-example gradients are contracted as soon as the
+        backward reaches them and then dropped; the recording keeps only the running result):
+          directions   as for dot_many (k direction dicts, or one dict of [k, ...] stacks):
+                       streamed() is then dot_many(directions), [B, k]. For fbr-ntk, whose
+                       directions are fixed before the backward.
+          kernel_with  another recorder holding a finished (stored) recording on the same layers:
+                       streamed() is then kernel(kernel_with), [B, M].
+        """
         if self._recording:
             raise RuntimeError("PerSampleGradRecorder: record() blocks cannot nest")
+        if directions is not None and kernel_with is not None:
+            raise ValueError("PerSampleGradRecorder: stream either directions or kernel_with, not both")
         self.clear()
+        self._stream = None
+        if directions is not None:
+            self._stream = ("dot",) + self._resolve_many(directions)
+        elif kernel_with is not None:
+            self._check_same_layers(kernel_with)
+            self._stream = ("kernel", kernel_with, {layer.name: uses for layer, uses in kernel_with._checked_uses()})
+        self._streamed = None
         handles = []
         recorded = {id(layer.module): layer for layer in self._layers}
         try:
@@ -222,12 +255,40 @@ class PerSampleGradRecorder:
             for h in handles:
                 h.remove()
 
-    @staticmethod
-    def _watch_grad(use: _Use, output: Tensor) -> None:
+    def _watch_grad(self, use: _Use, output: Tensor) -> None:
         def hook(grad: Tensor) -> None:
-            use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
+            if self._stream is None:
+                use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
+                return
+            layer = next(layer for layer in self._layers if any(u is use for u in layer.uses))
+            self._check_version(layer, use)
+            use.grad = grad.detach()
+            if self._stream[0] == "dot":
+                _, dirs, k = self._stream
+                if self._streamed is None:
+                    self._streamed = torch.zeros(grad.shape[0], k, dtype=acc_dtype(grad.dtype), device=grad.device)
+                self._dot_use(layer, use, dirs, k, self._streamed)
+            else:
+                _, other, other_uses = self._stream
+                if self._streamed is None:
+                    self._streamed = torch.zeros(grad.shape[0], other._batch, dtype=acc_dtype(grad.dtype), device=grad.device)
+                for theirs in other_uses[layer.name]:
+                    self._kernel_pair(layer, use, other, theirs, self._streamed)
+            # Drop it: nothing is kept (this closure lives as long as the graph does).
+            layer.uses = [u for u in layer.uses if u is not use]
+            use.inp = use.grad = use.source = use.norm = None
 
         output.register_hook(hook)
+
+    def streamed(self) -> Tensor:
+        """The result accumulated by the last streaming record() block: [B, k] dots for
+        record(directions=...), the [B, M] kernel for record(kernel_with=...)."""
+        if self._recording:
+            raise RuntimeError("PerSampleGradRecorder: query the recording after the record() block")
+        if self._stream is None or self._streamed is None:
+            raise RuntimeError("PerSampleGradRecorder: nothing streamed; use `with rec.record(directions=...)` or "
+                               "record(kernel_with=...) around a backward")
+        return self._streamed
 
     def _layer_hook(self, layer: _Layer):
         def hook(module, inputs, output):
@@ -258,12 +319,16 @@ class PerSampleGradRecorder:
                 # Same values, but the backward treats the batch statistics as constants.
                 xhat = (x - mean) * torch.rsqrt(var + module.eps)
                 new_output = xhat * module.weight.view(shape) + module.bias.view(shape) if module.affine else xhat
-            elif batch_stats:  # "joint": the native output stays; x̂ uses this batch's statistics
-                xhat = F.batch_norm(x.detach(), None, None, training=True, momentum=0.0, eps=module.eps)
-            else:
-                xhat = F.batch_norm(x.detach(), module.running_mean, module.running_var, training=False, eps=module.eps)
             if layer is not None:
-                use = _Use(xhat.detach(), 0, None)
+                if constant:  # x-hat is in the graph anyway
+                    use = _Use(xhat.detach(), 0, None)
+                else:  # keep x (autograd holds it until the backward) and normalise when queried
+                    if batch_stats:  # "joint": this batch's statistics, the native output stays
+                        dims = [0] + list(range(2, x.dim()))
+                        var, mean = torch.var_mean(x.detach(), dim=dims, unbiased=False)
+                    else:
+                        mean, var = module.running_mean.clone(), module.running_var.clone()
+                    use = _Use(x.detach(), x._version, x, norm=(mean, var, module.eps))
                 layer.uses.append(use)
                 self._watch_grad(use, new_output if new_output is not None else output)
             return new_output
@@ -276,15 +341,13 @@ class PerSampleGradRecorder:
         """Layers with their uses that received a gradient; checks batch sizes and in-place edits."""
         if self._recording:
             raise RuntimeError("PerSampleGradRecorder: query the recording after the record() block")
+        if self._stream is not None:
+            raise RuntimeError("PerSampleGradRecorder: a streaming record() keeps nothing but streamed()")
         out, batch, any_grad = [], None, False
         for layer in self._layers:
             uses = []
             for use in layer.uses:
-                if use.source is not None and use.source._version != use.version:
-                    raise RuntimeError(
-                        f"PerSampleGradRecorder: the input of layer {layer.name!r} was modified in place after the "
-                        "forward; its recorded activations are no longer valid"
-                    )
+                self._check_version(layer, use)
                 if use.grad is None:
                     continue  # the output did not reach the loss: zero gradient
                 any_grad = True
@@ -298,6 +361,14 @@ class PerSampleGradRecorder:
             raise RuntimeError("PerSampleGradRecorder: nothing recorded; run the forward and backward inside `with rec.record():`")
         self._batch = batch
         return out
+
+    @staticmethod
+    def _check_version(layer: _Layer, use: _Use) -> None:
+        if use.source is not None and use.source._version != use.version:
+            raise RuntimeError(
+                f"PerSampleGradRecorder: the input of layer {layer.name!r} was modified in place after the "
+                "forward; its recorded activations are no longer valid"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -343,7 +414,8 @@ class PerSampleGradRecorder:
         """Per-example BatchNorm gradients: weight sum_pos g * xhat, bias sum_pos g -> [B, C]."""
         dims = [d for d in range(use.grad.dim()) if d != 1]
         rest = dims[1:]
-        gw = (use.grad * use.inp).sum(rest) if rest else use.grad * use.inp
+        xhat = use.normalized()
+        gw = (use.grad * xhat).sum(rest) if rest else use.grad * xhat
         gb = use.grad.sum(rest) if rest else use.grad
         return {"weight": gw, "bias": gb}
 
@@ -395,73 +467,80 @@ class PerSampleGradRecorder:
     def dot_many(self, directions: Union[Sequence[Mapping[DirectionKey, Tensor]], Mapping[DirectionKey, Tensor]]) -> Tensor:
         """<g_i, direction_k>: [B, k]. `directions` is a list of k direction dicts, or one dict whose
         values are stacked [k, *param.shape]."""
+        return self._dot(*self._resolve_many(directions))
+
+    def _resolve_many(self, directions) -> Tuple[Dict[str, Tensor], int]:
         if isinstance(directions, Mapping):
             ks = {int(v.shape[0]) for v in directions.values() if isinstance(v, Tensor) and v.dim() > 0}
             if len(ks) != 1:
                 raise ValueError("PerSampleGradRecorder: stacked directions must all have the same leading size k")
-            dirs, k = self._resolve(directions, ks.pop())
-        else:
-            if len(directions) == 0:
-                raise ValueError("PerSampleGradRecorder: dot_many got an empty list of directions")
-            singles = [self._resolve(d, None)[0] for d in directions]
-            k = len(singles)
-            dirs = {}
-            for name in {n for s in singles for n in s}:
-                ref = next(s[name] for s in singles if name in s)
-                dirs[name] = torch.cat([s[name] if name in s else torch.zeros_like(ref) for s in singles])
-        return self._dot(dirs, k)
+            return self._resolve(directions, ks.pop())
+        if not isinstance(directions, (list, tuple)) or len(directions) == 0:
+            raise ValueError("PerSampleGradRecorder: directions must be a non-empty list of dicts or a dict of stacks")
+        singles = [self._resolve(d, None)[0] for d in directions]
+        dirs = {}
+        for name in {n for s in singles for n in s}:
+            ref = next(s[name] for s in singles if name in s)
+            dirs[name] = torch.cat([s[name] if name in s else torch.zeros_like(ref) for s in singles])
+        return dirs, len(singles)
 
     def _dot(self, dirs: Dict[str, Tensor], k: int) -> Tensor:
         layers = self._checked_uses()
         dtype, device = self._dtype_device()
-        acc = acc_dtype(dtype)
-        out = torch.zeros(self._batch, k, dtype=acc, device=device)
+        out = torch.zeros(self._batch, k, dtype=acc_dtype(dtype), device=device)
         for layer, uses in layers:
             for use in uses:
-                weight = layer.params.get("weight")
-                is_bn = isinstance(layer.module, _BatchNorm)
-                if weight is not None and weight[0] in dirs and not is_bn:
-                    D = dirs[weight[0]].to(device=device, dtype=dtype)
-                    D = D.reshape(k, D.shape[1], -1)
-                    if isinstance(layer.module, nn.Conv2d):
-                        geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
-                        out += conv_tangent_dot(use.inp, use.grad, D, **geometry)
-                    else:
-                        acts, grads = self._linear_parts(use, layer.module)
-                        out += tangent_dot(acts, grads, D)
-                for local, g in self._explicit_parts(layer, use).items():
-                    if local in layer.params and layer.params[local][0] in dirs:
-                        D = dirs[layer.params[local][0]].to(device=device, dtype=acc)
-                        out += g.to(acc) @ D.reshape(k, -1).T
+                self._dot_use(layer, use, dirs, k, out)
         return out
+
+    def _dot_use(self, layer: _Layer, use: _Use, dirs: Dict[str, Tensor], k: int, out: Tensor) -> None:
+        """out += <g_i, direction_k> restricted to one use of one layer."""
+        dtype, device, acc = use.grad.dtype, use.grad.device, out.dtype
+        weight = layer.params.get("weight")
+        if weight is not None and weight[0] in dirs and not isinstance(layer.module, _BatchNorm):
+            D = dirs[weight[0]].to(device=device, dtype=dtype)
+            D = D.reshape(k, D.shape[1], -1)
+            if isinstance(layer.module, nn.Conv2d):
+                geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
+                out += conv_tangent_dot(use.inp, use.grad, D, **geometry)
+            else:
+                out += tangent_dot(*self._linear_parts(use, layer.module), D)
+        for local, g in self._explicit_parts(layer, use).items():
+            if local in layer.params and layer.params[local][0] in dirs:
+                out += g.to(acc) @ dirs[layer.params[local][0]].to(device=device, dtype=acc).reshape(k, -1).T
 
     def kernel(self, other: Optional["PerSampleGradRecorder"] = None) -> Tensor:
         """K_ij = <g_i, g'_j> over the recorded parameters: [B, M]; `other` recorded another batch
         on the same layers (a second recorder on the same model), None means this batch with itself."""
         other = self if other is None else other
+        self._check_same_layers(other)
+        mine, theirs = self._checked_uses(), other._checked_uses()
+        dtype, device = self._dtype_device()
+        out = torch.zeros(self._batch, other._batch, dtype=acc_dtype(dtype), device=device)
+        for (layer, uses_a), (_, uses_b) in zip(mine, theirs):
+            for ua in uses_a:
+                for ub in uses_b:
+                    self._kernel_pair(layer, ua, other, ub, out)
+        return out
+
+    def _check_same_layers(self, other) -> None:
         if not isinstance(other, PerSampleGradRecorder):
             raise TypeError(f"PerSampleGradRecorder.kernel: other must be a PerSampleGradRecorder, got {type(other).__name__}")
         if [(l.name, sorted(l.params)) for l in self._layers] != [(l.name, sorted(l.params)) for l in other._layers]:
             raise ValueError("PerSampleGradRecorder.kernel: the two recorders must record the same layers and parameters")
-        mine, theirs = self._checked_uses(), other._checked_uses()
-        dtype, device = self._dtype_device()
-        acc = acc_dtype(dtype)
-        out = torch.zeros(self._batch, other._batch, dtype=acc, device=device)
-        for (layer, uses_a), (_, uses_b) in zip(mine, theirs):
-            is_bn = isinstance(layer.module, _BatchNorm)
-            for ua in uses_a:
-                for ub in uses_b:
-                    if "weight" in layer.params and not is_bn:
-                        if isinstance(layer.module, nn.Conv2d):
-                            geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
-                            out += conv_tangent_kernel(ua.inp, ua.grad, ub.inp, ub.grad, **geometry)
-                        else:
-                            out += tangent_kernel(*self._linear_parts(ua, layer.module), *self._linear_parts(ub, layer.module))
-                    parts_a, parts_b = self._explicit_parts(layer, ua), other._explicit_parts(layer, ub)
-                    for local in parts_a:
-                        if local in layer.params:
-                            out += parts_a[local].to(acc) @ parts_b[local].to(acc).T
-        return out
+
+    def _kernel_pair(self, layer: _Layer, ua: _Use, other: "PerSampleGradRecorder", ub: _Use, out: Tensor) -> None:
+        """out += <g_i, g'_j> restricted to one use of one layer on each side."""
+        if "weight" in layer.params and not isinstance(layer.module, _BatchNorm):
+            if isinstance(layer.module, nn.Conv2d):
+                geometry = dict(zip(("kernel_size", "stride", "padding", "dilation"), self._conv_geometry(layer)))
+                out += conv_tangent_kernel(ua.inp, ua.grad, ub.inp, ub.grad, **geometry)
+            else:
+                out += tangent_kernel(*self._linear_parts(ua, layer.module), *self._linear_parts(ub, layer.module))
+        parts_a, parts_b = self._explicit_parts(layer, ua), other._explicit_parts(layer, ub)
+        for local in parts_a:
+            if local in layer.params:
+                out += parts_a[local].to(out.dtype) @ parts_b[local].to(out.dtype).T
 
     def weighted_sum(self, weights: Tensor) -> Dict[str, Tensor]:
         """{name: sum_i weights[i] g_i} for every recorded parameter (the gradient of
