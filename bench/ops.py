@@ -391,24 +391,19 @@ def bench_tangent(timer: Timer, device: torch.device, goals: List[str]) -> Table
     assert float(check) < 1e-3, f"nrcore and torch.func disagree: relative error {float(check):.2e}"
     streamed = s["nrcore_dot_streamed"](s["hs"][0])
     assert float((streamed - s["nrcore_dot"](s["hs"][0])).abs().max() / streamed.abs().max()) < 1e-4
-    names = ("func-dot", "nrcore-dot", "nrcore-dot-streamed")
-    t = timer.compare({name: c[name] for name in names})
-    mem = {name: measure_peak(name, device) for name in names}
-    for name, how in (("nrcore-dot", "record + dot_many"), ("nrcore-dot-streamed", "record(directions=)")):
-        table.add("tangent_dot", f"B=128, k=11, {how}", "torch.func vmap(grad)", t["func-dot"], t[name],
-                  mem["func-dot"], mem[name])
-        goals.append(goal(f"tangent_dot ({how}) vs torch.func: time", t["func-dot"] / t[name], 3.0))
-        if mem["func-dot"] and mem[name]:
-            goals.append(goal(f"tangent_dot ({how}) vs torch.func: peak memory", mem["func-dot"] / mem[name], 5.0))
-    names = ("func-kernel", "nrcore-kernel", "nrcore-kernel-streamed")
-    t = timer.compare({name: c[name] for name in names})
-    mem = {name: measure_peak(name, device) for name in names}
-    for name, how in (("nrcore-kernel", "two records"), ("nrcore-kernel-streamed", "record(kernel_with=)")):
-        table.add("tangent_kernel", f"B=128 x M=128, {how}", "torch.func vmap(grad)", t["func-kernel"], t[name],
-                  mem["func-kernel"], mem[name])
-        goals.append(goal(f"tangent_kernel ({how}) vs torch.func: time", t["func-kernel"] / t[name], 3.0))
-        if mem["func-kernel"] and mem[name]:
-            goals.append(goal(f"tangent_kernel ({how}) vs torch.func: peak memory", mem["func-kernel"] / mem[name], 5.0))
+    rows = (
+        ("tangent_dot", "func-dot", "B=128, k=11", (("nrcore-dot", "record + dot_many"), ("nrcore-dot-streamed", "record(directions=)"))),
+        ("tangent_kernel", "func-kernel", "B=128 x M=128", (("nrcore-kernel", "two records"), ("nrcore-kernel-streamed", "record(kernel_with=)"))),
+    )
+    for op, base, shape, mine in rows:
+        names = (base,) + tuple(name for name, _ in mine)
+        t = timer.compare({name: c[name] for name in names})
+        mem = {name: measure_peak(name, device) for name in names}
+        for name, how in mine:
+            table.add(op, f"{shape}, {how}", "torch.func vmap(grad)", t[base], t[name], mem[base], mem[name])
+            goals.append(goal(f"{op} ({how}) vs torch.func: time", t[base] / t[name], 3.0))
+            if mem[base] and mem[name]:
+                goals.append(goal(f"{op} ({how}) vs torch.func: peak memory", mem[base] / mem[name], 5.0))
 
     # The compiled ops against their twins on the recorded layers' own inputs (conv layers: the
     # Conv2d forms, whose twins unfold with torch; the classifier: the generic ops).

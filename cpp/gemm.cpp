@@ -77,11 +77,27 @@ void pack_b(int64_t kc, int64_t nc, View<T> B, const T* bsub, T* dst) {
   }
 }
 
-// MR x NR register tile: c (+)= a_panel * b_panel over kc. Row k of the B panel starts at
-// b + k * ldb (ldb = NR for a packed panel, the row stride when B is read in place).
-template <class T, int MR, int NV>
-inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, int64_t ldb, T* __restrict c,
-                         int64_t ldc, bool accumulate, int64_t rows, int64_t cols) {
+// Where the micro-kernel reads A: a packed MR-row panel (k-major), or a separable gather
+// (element (i, k) at row[i][koff[k]], e.g. im2col of a padded image).
+template <class T, int MR>
+struct PackedA {
+  const T* __restrict a;
+  const T* row_at(int64_t k) const { return a + k * MR; }
+  T get(const T* row, int i) const { return row[i]; }
+};
+template <class T, int MR>
+struct GatheredA {
+  const T* const* __restrict row;
+  const int64_t* __restrict koff;
+  int64_t row_at(int64_t k) const { return koff[k]; }
+  T get(int64_t off, int i) const { return row[i][off]; }
+};
+
+// MR x NR register tile: c (+)= A * b_panel over kc. Row k of the B panel starts at b + k * ldb
+// (ldb = NR for a packed panel, the row stride when B is read in place).
+template <class T, int MR, int NV, class ASource>
+inline void micro_kernel(int64_t kc, ASource A, const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc,
+                         bool accumulate, int64_t rows, int64_t cols) {
   using Tl = Tiling<T, MR, NV>;
   using V = typename Tl::V;
   constexpr int L = Tl::L;
@@ -95,9 +111,10 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
     V bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(V));
+    const auto row = A.row_at(k);
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      T ai = a[k * MR + i];
+      T ai = A.get(row, i);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
@@ -127,40 +144,6 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
     }
 }
 
-// micro_kernel with A gathered: element (i, k) of the tile is arow[i][koff[k]].
-template <class T, int MR, int NV>
-inline void micro_kernel_gather(int64_t kc, const T* const* __restrict arow, const int64_t* __restrict koff,
-                                const T* __restrict b, T* __restrict c, int64_t ldc, int64_t rows, int64_t cols) {
-  using Tl = Tiling<T, MR, NV>;
-  using V = typename Tl::V;
-  constexpr int L = Tl::L;
-  constexpr int NR = Tl::NR;
-  V acc[MR][NV];
-#pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
-  for (int64_t k = 0; k < kc; ++k) {
-    V bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * NR + v * L, sizeof(V));
-    const int64_t off = koff[k];
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
-      T ai = arow[i][off];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
-  alignas(64) T tile[MR * NR];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) std::memcpy(tile + i * NR + v * L, &acc[i][v], sizeof(V));
-  for (int64_t i = 0; i < rows; ++i) {
-    T* dst = c + i * ldc;
-    for (int64_t j = 0; j < cols; ++j) dst[j] = tile[i * NR + j];
-  }
-}
-
 template <class T, int MR, int NV>
 void gemm_gathered(int64_t M, int64_t N, int64_t K, const T* base, const int64_t* row_off, const int64_t* k_off,
                    View<T> B, T* C, int64_t ldc, T* scratch) {
@@ -181,7 +164,8 @@ void gemm_gathered(int64_t M, int64_t N, int64_t K, const T* base, const int64_t
           for (int i = 0; i < MR; ++i) arow[i] = base + row_off[ir + i < M ? ir + i : M - 1];  // extra rows discarded
           alignas(64) T part[MR * NR];
           const int64_t rows = min64(MR, M - ir), cols = min64(NR, nc - jr);
-          micro_kernel_gather<T, MR, NV>(kc, arow, k_off + pc, bpack + (jr / NR) * kc * NR, part, NR, rows, cols);
+          micro_kernel<T, MR, NV>(kc, GatheredA<T, MR>{arow, k_off + pc}, bpack + (jr / NR) * kc * NR, NR, part, NR,
+                                  false, MR, NR);
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t j = 0; j < cols; ++j) C[(ir + i) * ldc + jc + jr + j] += part[i * NR + j];
         }
@@ -231,8 +215,8 @@ void gemm_blocked(int64_t M, int64_t N, int64_t K, View<T> A, const T* asub, Vie
           const T* b = in_place ? &B(pc, jc + jr) : bpack + ((jr - packed_from) / NR) * kc * NR;
           const int64_t ldb = in_place ? B.rs : NR;
           for (int64_t ir = 0; ir < mc; ir += MR)
-            micro_kernel<T, MR, NV>(kc, apack + (ir / MR) * kc * MR, b, ldb, C + (ic + ir) * ldc + jc + jr, ldc, acc,
-                                    min64(MR, mc - ir), min64(NR, nc - jr));
+            micro_kernel<T, MR, NV>(kc, PackedA<T, MR>{apack + (ir / MR) * kc * MR}, b, ldb, C + (ic + ir) * ldc + jc + jr,
+                                    ldc, acc, min64(MR, mc - ir), min64(NR, nc - jr));
         }
       }
     }

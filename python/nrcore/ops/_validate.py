@@ -57,16 +57,13 @@ def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     return first.device
 
 
-def number(op: str, name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+def number(op: str, name: str, value) -> float:
+    """A finite real number (bools and tensors are rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{op}: {name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
     return value
 
 

@@ -20,9 +20,10 @@ weighted_sum(w) = grad sum_i w_i l_i. Back-propagating c * sum_i l_i scales ever
 dot/weighted_sum by c, a kernel between two such recordings by c^2).
 
 Supported layers: nn.Linear (inputs [B, ..., in]), nn.Conv2d (any stride/padding/dilation,
-groups=1, padding_mode='zeros') and affine BatchNorm1d/2d/3d, biases included. For Linear and
-Conv2d the products go through nrcore.ops.tangent_dot / tangent_kernel (ghost or explicit per
-layer, by cost); BatchNorm's per-example gradients are small and formed explicitly.
+groups=1, padding_mode='zeros') and affine BatchNorm1d/2d/3d, biases included. The products go
+through nrcore.ops.tangent_dot / tangent_kernel for Linear layers and conv_tangent_dot /
+conv_tangent_kernel for Conv2d (ghost or explicit per layer, by cost; patches gathered inside the
+kernel); per-example bias and BatchNorm gradients are small and formed explicitly.
 
 BatchNorm in train mode couples the examples of a batch through its statistics; `batchnorm`
 chooses how the recording treats that (eval-mode BatchNorm uses running statistics, couples
