@@ -76,6 +76,7 @@ class _Use:
     source: Optional[Tensor]
     grad: Optional[Tensor] = None
     norm: Optional[Tuple[Tensor, Tensor, float]] = None
+    parts: Optional[Dict[str, Tensor]] = None  # BatchNorm: per-example gradients, formed in the backward
 
     def normalized(self) -> Tensor:
         if self.norm is None:
@@ -258,11 +259,19 @@ class PerSampleGradRecorder:
 
     def _watch_grad(self, use: _Use, output: Tensor) -> None:
         def hook(grad: Tensor) -> None:
-            if self._stream is None:
-                use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
-                return
             layer = next(layer for layer in self._layers if any(u is use for u in layer.uses))
             self._check_version(layer, use)
+            if self._stream is None:
+                if isinstance(layer.module, _BatchNorm):
+                    # Keep BatchNorm's per-example gradients ([B, C]) instead of its input and
+                    # output gradient (two activation-sized tensors).
+                    use.grad = grad.detach()
+                    parts = self._bn_grads(use)
+                    use.parts = parts if use.parts is None else {n: use.parts[n] + parts[n] for n in parts}
+                    use.inp = use.grad = use.source = use.norm = None
+                else:
+                    use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
+                return
             use.grad = grad.detach()
             if self._stream[0] == "dot":
                 _, dirs, k = self._stream
@@ -349,13 +358,14 @@ class PerSampleGradRecorder:
             uses = []
             for use in layer.uses:
                 self._check_version(layer, use)
-                if use.grad is None:
+                if use.grad is None and use.parts is None:
                     continue  # the output did not reach the loss: zero gradient
                 any_grad = True
+                size = self._any_tensor(use).shape[0]
                 if batch is None:
-                    batch = use.inp.shape[0]
-                elif use.inp.shape[0] != batch:
-                    raise ValueError(f"PerSampleGradRecorder: layer {layer.name!r} saw batch size {use.inp.shape[0]}, others {batch}")
+                    batch = size
+                elif size != batch:
+                    raise ValueError(f"PerSampleGradRecorder: layer {layer.name!r} saw batch size {size}, others {batch}")
                 uses.append(use)
             out.append((layer, uses))
         if not any_grad:
@@ -376,10 +386,15 @@ class PerSampleGradRecorder:
         self._checked_uses()
         return self._batch
 
+    @staticmethod
+    def _any_tensor(use: _Use) -> Tensor:
+        return use.inp if use.inp is not None else next(iter(use.parts.values()))
+
     def _dtype_device(self) -> Tuple[torch.dtype, torch.device]:
         for layer in self._layers:
             for use in layer.uses:
-                return use.inp.dtype, use.inp.device
+                t = self._any_tensor(use)
+                return t.dtype, t.device
         raise RuntimeError("PerSampleGradRecorder: nothing recorded")
 
     @staticmethod
@@ -413,6 +428,8 @@ class PerSampleGradRecorder:
     @staticmethod
     def _bn_grads(use: _Use) -> Dict[str, Tensor]:
         """Per-example BatchNorm gradients: weight sum_pos g * xhat, bias sum_pos g -> [B, C]."""
+        if use.parts is not None:
+            return use.parts
         dims = [d for d in range(use.grad.dim()) if d != 1]
         rest = dims[1:]
         xhat = use.normalized()
@@ -496,7 +513,8 @@ class PerSampleGradRecorder:
 
     def _dot_use(self, layer: _Layer, use: _Use, dirs: Dict[str, Tensor], k: int, out: Tensor) -> None:
         """out += <g_i, direction_k> restricted to one use of one layer."""
-        dtype, device, acc = use.grad.dtype, use.grad.device, out.dtype
+        ref = self._any_tensor(use)
+        dtype, device, acc = ref.dtype, ref.device, out.dtype
         weight = layer.params.get("weight")
         if weight is not None and weight[0] in dirs and not isinstance(layer.module, _BatchNorm):
             D = dirs[weight[0]].to(device=device, dtype=dtype)
@@ -553,11 +571,12 @@ class PerSampleGradRecorder:
         for layer, uses in layers:
             module = layer.module
             for use in uses:
-                w = weights.to(device=use.grad.device, dtype=use.grad.dtype)
-                wg = use.grad * w.view([-1] + [1] * (use.grad.dim() - 1))
+                ref = self._any_tensor(use)
+                w = weights.to(device=ref.device, dtype=ref.dtype)
                 weight = layer.params.get("weight")
                 if weight is not None and not isinstance(module, _BatchNorm):
                     if isinstance(module, nn.Conv2d):
+                        wg = use.grad * w.view([-1] + [1] * (use.grad.dim() - 1))
                         gw = torch.nn.grad.conv2d_weight(
                             use.inp, module.weight.shape, wg, module.stride, _conv_padding(layer.name, module), module.dilation, 1
                         )
