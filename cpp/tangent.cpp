@@ -19,11 +19,11 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Elements of explicit per-example gradients held at once: per side for a kernel (both sides
-// formed once when they fit: 16 MiB each in float32), and for a dot, where chunks cost nothing
-// but another pass over the directions (4 MiB).
-constexpr int64_t kExplicitBudget = int64_t(4) << 20;
-constexpr int64_t kExplicitDotBudget = int64_t(1) << 20;
+// Elements of explicit per-example gradients held at once. A kernel keeps side a whole when it
+// fits (32 MiB in float32; else it is chunked and side b formed once per chunk) and streams side
+// b through in small chunks (4 MiB), each formed once; a dot needs only small chunks.
+constexpr int64_t kExplicitResidentBudget = int64_t(8) << 20;
+constexpr int64_t kExplicitChunkBudget = int64_t(1) << 20;
 // Rows of a ghost block (examples x positions) per GEMM.
 constexpr int64_t kGhostRows = 256;
 // Multiply-adds below which a second thread costs more than it saves.
@@ -113,7 +113,7 @@ struct ConvGrads {
 // the same way, gsize elements each).
 template <class T, class Former>
 void explicit_dot(const Former& form, int64_t B, int64_t gsize, const T* D, int64_t k, T* out, int nthreads) {
-  int64_t chunk = max64(1, kExplicitDotBudget / max64(1, gsize));
+  int64_t chunk = max64(1, kExplicitChunkBudget / max64(1, gsize));
   Scratch g_buf(sizeof(T) * min64(chunk, B) * gsize);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     int64_t b1 = min64(B, b0 + chunk);
@@ -122,21 +122,20 @@ void explicit_dot(const Former& form, int64_t B, int64_t gsize, const T* D, int6
   }
 }
 
-// out[i, j] = <G_i, G'_j>; side b is formed once if it fits the budget, else per chunk of a.
+// out[i, j] = <G_i, G'_j>: side a in as few chunks as the resident budget allows, side b in
+// small chunks against each (formed once in all when side a fits).
 template <class T, class FormerA, class FormerB>
 void explicit_kernel(const FormerA& form_a, int64_t B, const FormerB& form_b, int64_t M, int64_t gsize, T* out,
                      int nthreads) {
-  int64_t chunk = max64(1, kExplicitBudget / max64(1, gsize));
-  int64_t ca = min64(chunk, B), cb = min64(chunk, M);
+  const int64_t ca = min64(B, max64(1, kExplicitResidentBudget / max64(1, gsize)));
+  const int64_t cb = min64(M, max64(1, kExplicitChunkBudget / max64(1, gsize)));
   Scratch ga_buf(sizeof(T) * ca * gsize), gb_buf(sizeof(T) * cb * gsize);
-  const bool b_resident = cb == M;
-  if (b_resident) form_b(0, M, gb_buf.as<T>(), nthreads);
   for (int64_t a0 = 0; a0 < B; a0 += ca) {
     int64_t a1 = min64(B, a0 + ca);
     form_a(a0, a1, ga_buf.as<T>(), nthreads);
     for (int64_t m0 = 0; m0 < M; m0 += cb) {
       int64_t m1 = min64(M, m0 + cb);
-      if (!b_resident) form_b(m0, m1, gb_buf.as<T>(), nthreads);
+      form_b(m0, m1, gb_buf.as<T>(), nthreads);
       gemm_rows<T>(a1 - a0, m1 - m0, gsize, ga_buf.as<T>(), gsize, gb_buf.as<T>(), gsize, out + a0 * M + m0, M, false,
                    nthreads);
     }
