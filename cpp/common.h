@@ -36,10 +36,11 @@ NRCORE_HOST_DEVICE static inline double barrier_coefficient_value(double dot, do
 }
 
 // Run fn(begin, end) over [0, n) split into at most `nthreads` contiguous ranges, each of at
-// least `min_per_thread` items. Threads are spawned per call (tens of microseconds) rather than
-// pooled, so nothing breaks in forked DataLoader workers. The thread handling lives in one
-// baseline-ISA function (dispatch.cpp): the per-ISA kernel objects must not instantiate library
-// templates such as std::vector, whose merged copies could carry AVX-512 code onto an old CPU.
+// least `min_per_thread` items, on a persistent pool whose threads claim ranges as they get
+// scheduled (the caller takes any left, so a late thread on a busy machine delays nothing; see
+// dispatch.cpp). The thread handling lives in baseline-ISA code: the per-ISA kernel objects must
+// not instantiate library templates such as std::vector, whose linker-merged copies could carry
+// AVX-512 code onto an old CPU.
 void run_parallel(int workers, int64_t n, void (*body)(void*, int64_t, int64_t), void* ctx);
 
 template <class Fn>
