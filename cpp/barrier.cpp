@@ -186,6 +186,7 @@ int stats_typed(const BarrierStatsArgs& a) {
 
 template <class T>
 int combine_typed(const BarrierCombineArgs& a) {
+  if (a.skip && *a.skip != 0.0) return kOk;  // a step the caller skips: leave outs as they are
   int64_t total = total_of(a.numel, a.num);
   int64_t chunks = num_chunks(total, a.nthreads);
   Scratch bad_buf(sizeof(double) * chunks);

@@ -145,6 +145,7 @@ struct BarrierCombineArgs {
   const int64_t* numel;         // [num]
   double coef;                  // CPU: the coefficient's value
   const double* coef_ptr;       // CUDA: device pointer to a float64 coefficient, or nullptr (use coef)
+  const double* skip;           // float64 flag on the op's device, or nullptr: nonzero = write and report nothing
   int nthreads;
 };
 

@@ -160,7 +160,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("barrier_combine",
         [](int device, uintptr_t stream, int dtype, const std::vector<uintptr_t>& outs,
            const std::vector<uintptr_t>& f, const std::vector<uintptr_t>& q, const std::vector<int64_t>& numel,
-           double coef, uintptr_t coef_ptr, int nthreads) -> int {
+           double coef, uintptr_t coef_ptr, uintptr_t skip_ptr, int nthreads) -> int {
           if (outs.size() != q.size() || outs.size() != numel.size() || (!f.empty() && f.size() != q.size()))
             throw std::invalid_argument("barrier_combine: list lengths differ");
           std::vector<void*> op(outs.size());
@@ -168,7 +168,7 @@ PYBIND11_MODULE(_C, m) {
           auto fp = ptr_list(f), qp = ptr_list(q);
           nrcore::BarrierCombineArgs a{dtype,     (int64_t)outs.size(), op.data(), f.empty() ? nullptr : fp.data(),
                                        qp.data(), numel.data(),         coef,      ptr<const double>(coef_ptr),
-                                       nthreads};
+                                       ptr<const double>(skip_ptr), nthreads};
           NRCORE_RUN(barrier_combine, a, device, stream);
         });
 

@@ -118,10 +118,11 @@ __global__ void __launch_bounds__(kThreads) stats_final_kernel(const double* par
 }
 
 // outs = f + coef * q (f may be absent), computed in the accumulation type; non-finite outputs
-// are reported.
+// are reported. A nonzero *skip (a step the caller skips) leaves outs untouched and reports nothing.
 template <class T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(TensorList<3> list, double coef, const double* coef_ptr,
-                                                           unsigned int* err) {
+                                                           const double* skip, unsigned int* err) {
+  if (skip && *skip != 0.0) return;  // uniform across the block: no thread reaches the barrier below
   using Acc = typename AccOf<T>::type;
   const int t = list.block_tensor[blockIdx.x];
   const int64_t begin = list.block_chunk[blockIdx.x] * kChunk;
@@ -173,7 +174,7 @@ void barrier_combine(const BarrierCombineArgs& a, int device, void* stream_ptr) 
   const void* const* ptrs[3] = {reinterpret_cast<const void* const*>(a.outs), a.f, a.q};
   NRCORE_CUDA_DISPATCH(a.dtype, T, {
     for_each_launch<3>(a.num, ptrs, a.numel, 0, [&](const TensorList<3>& list, int n) {
-      combine_kernel<T><<<n, kThreads, 0, stream>>>(list, a.coef, a.coef_ptr, err);
+      combine_kernel<T><<<n, kThreads, 0, stream>>>(list, a.coef, a.coef_ptr, a.skip, err);
       check_launch("barrier_combine_");
     });
   });

@@ -139,3 +139,46 @@ def test_ebomlc_step_composition(gen):
     assert beta.item() == pytest.approx(beta_ref, rel=1e-12)
     for o, a, b in zip(outs, gF, gQ):
         torch.testing.assert_close(o, a + xi * beta_ref * b)
+
+
+@pytest.mark.filterwarnings("ignore:nrcore._C is not available:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_barrier_combine_skip_if_leaves_outs_untouched_and_reports_nothing(device, gen, monkeypatch, backend):
+    """A flagged step (non-finite gradients a method will skip) writes nothing and raises nothing;
+    an unflagged one is the ordinary combine."""
+    if backend == "reference":
+        from nrcore.ops import _backend
+
+        monkeypatch.setattr(_backend, "_C", None)
+        monkeypatch.setattr(_backend, "_IMPORT_ERROR", ImportError("hidden for the test"))
+        assert ops.backend() == "reference"
+    f = [torch.randn(4, 5, generator=gen).to(device), torch.randn(3, generator=gen).to(device)]
+    q = [t.clone() for t in f]
+    q[1][0] = float("nan")
+    outs = [torch.full_like(t, 7.0) for t in q]
+    ops.barrier_combine_(outs, f, q, 0.5, skip_if=torch.tensor(True, device=device))
+    ops.check_errors()
+    assert all(torch.equal(o, torch.full_like(o, 7.0)) for o in outs)
+    q[1][0] = 1.0
+    ops.barrier_combine_(outs, f, q, 0.5, skip_if=torch.tensor(0.0, device=device))
+    for o, fi, qi in zip(outs, f, q):
+        torch.testing.assert_close(o, fi + 0.5 * qi)
+
+
+def test_barrier_combine_skip_if_must_sit_with_outs():
+    with pytest.raises(TypeError, match="skip_if must be a one-element tensor"):
+        ops.barrier_combine_([torch.empty(3)], None, [torch.ones(3)], 1.0, skip_if=True)
+    with pytest.raises(TypeError, match="skip_if"):
+        ops.barrier_combine_([torch.empty(3)], None, [torch.ones(3)], 1.0, skip_if=torch.zeros(2))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="skip_if is on cuda"):
+            ops.barrier_combine_([torch.empty(3)], None, [torch.ones(3)], 1.0, skip_if=torch.zeros((), device="cuda"))
+
+
+def test_barrier_combine_skip_if_through_the_registered_op():
+    """The custom op's schema and fake kernel carry skip_if (torch.compile path)."""
+    outs = [torch.full((3,), 7.0)]
+    torch.ops.nrcore.barrier_combine_(outs, [], [torch.ones(3)], None, 2.0, torch.tensor(1.0, dtype=torch.float64))
+    assert torch.equal(outs[0], torch.full((3,), 7.0))
+    torch.ops.nrcore.barrier_combine_(outs, [], [torch.ones(3)], None, 2.0, None)
+    assert torch.equal(outs[0], torch.full((3,), 2.0))

@@ -369,9 +369,10 @@ class BarrierLabelCorrection(LabelCorrectionMethod):
             self.stepper.undo()
         else:
             coef = self.xi * beta
-            self.ops.barrier_combine_(self.grad_buffers, list(grads_f_w), list(grads_q_w), coef)
+            skip = ~ok  # read on the device: a bad step leaves the buffers alone (the stepper undoes it)
+            self.ops.barrier_combine_(self.grad_buffers, list(grads_f_w), list(grads_q_w), coef, skip_if=skip)
             f_alpha = None if grads_f_alpha is None else list(grads_f_alpha)  # None: MLC-D's β ∇_α Q
-            self.ops.barrier_combine_(self.meta_grad_buffers, f_alpha, list(grads_q_alpha), coef)
+            self.ops.barrier_combine_(self.meta_grad_buffers, f_alpha, list(grads_q_alpha), coef, skip_if=skip)
             self.stepper.step(ok)
         stats_out = {
             "beta": beta.detach(),

@@ -121,12 +121,19 @@ def barrier_coefficient(stats: Tensor, delta: float) -> Tensor:
 
 
 def _barrier_combine_impl(
-    outs: List[Tensor], grads_f: List[Tensor], grads_q: List[Tensor], coef_tensor: Optional[Tensor], coef_value: float
+    outs: List[Tensor],
+    grads_f: List[Tensor],
+    grads_q: List[Tensor],
+    coef_tensor: Optional[Tensor],
+    coef_value: float,
+    skip_tensor: Optional[Tensor],
 ) -> None:
     op = "barrier_combine_"
     device = outs[0].device
     named = [("grads_f", grads_f), ("grads_q", grads_q), ("coef", coef_tensor)]
     if not B.compiled_for(device):
+        if skip_tensor is not None and bool(skip_tensor != 0):
+            return  # a skipped step: outs untouched (the twin path may sync; the compiled one never does)
         coef = coef_tensor if coef_tensor is not None else coef_value
         reference.barrier_combine_(outs, grads_f or None, grads_q, coef)
         if not all(bool(torch.isfinite(o).all()) for o in outs):
@@ -134,6 +141,7 @@ def _barrier_combine_impl(
         return
     dev, stream = B.device_args(outs[0])
     coef_ptr = 0
+    skip_ptr = skip_tensor.data_ptr() if skip_tensor is not None else 0
     if coef_tensor is not None:
         if dev >= 0:
             coef_ptr = coef_tensor.data_ptr()
@@ -141,7 +149,7 @@ def _barrier_combine_impl(
             coef_value = float(coef_tensor)
     status = B._C.barrier_combine(
         dev, stream, B.DTYPE_CODES[outs[0].dtype], _ptrs(outs), _ptrs(grads_f), _ptrs(grads_q), _numels(outs),
-        coef_value, coef_ptr, B.num_threads(),
+        coef_value, coef_ptr, skip_ptr, B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
@@ -153,12 +161,17 @@ _barrier_combine_op = torch.library.custom_op("nrcore::barrier_combine_", _barri
 
 
 @_barrier_combine_op.register_fake
-def _(outs, grads_f, grads_q, coef_tensor, coef_value):
+def _(outs, grads_f, grads_q, coef_tensor, coef_value, skip_tensor):
     return None
 
 
 def barrier_combine_(
-    outs: Sequence[Tensor], grads_f: Optional[Sequence[Tensor]], grads_q: Sequence[Tensor], coef: Union[float, Tensor]
+    outs: Sequence[Tensor],
+    grads_f: Optional[Sequence[Tensor]],
+    grads_q: Sequence[Tensor],
+    coef: Union[float, Tensor],
+    *,
+    skip_if: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """In place, fused over the lists: outs[k] = grads_f[k] + coef * grads_q[k] (computed in
     float32 for half inputs); grads_f=None means outs[k] = coef * grads_q[k] (MLC-D's alpha step).
@@ -167,6 +180,10 @@ def barrier_combine_(
     tensor, e.g. `xi * barrier_coefficient(...)`, read on the device without a sync. A non-finite
     output raises ValueError on the CPU (outs then hold the partial result); on CUDA it is
     recorded for nrcore.ops.check_errors. Returns outs.
+
+    skip_if: an optional one-element tensor on the outs' device (e.g. `~ok` of a step whose
+    gradients are not finite); when nonzero the op writes nothing and reports nothing. It is read
+    on the device, so a method can skip a bad step on CUDA without a host sync.
     """
     op = "barrier_combine_"
     o = V.tensor_list(op, "outs", outs)
@@ -188,5 +205,12 @@ def barrier_combine_(
             coef_tensor = coef.reshape(()).to(torch.float64)
     else:
         coef_value = V.number(op, "coef", coef)
-    B.call(_barrier_combine_op, _barrier_combine_impl, o, f, q, coef_tensor, coef_value)
+    skip_tensor = None
+    if skip_if is not None:
+        if not isinstance(skip_if, torch.Tensor) or skip_if.numel() != 1:
+            raise TypeError(f"{op}: skip_if must be a one-element tensor, got {type(skip_if).__name__}")
+        if skip_if.device != o[0].device:
+            raise ValueError(f"{op}: skip_if is on {skip_if.device} but outs are on {o[0].device}")
+        skip_tensor = skip_if.reshape(()).to(torch.float64)
+    B.call(_barrier_combine_op, _barrier_combine_impl, o, f, q, coef_tensor, coef_value, skip_tensor)
     return list(outs)

@@ -229,9 +229,17 @@ def barrier_coefficient(stats: Tensor, delta: float) -> Tensor:
 
 
 def barrier_combine_(
-    outs: Sequence[Tensor], grads_f: Optional[Sequence[Tensor]], grads_q: Sequence[Tensor], coef: Union[float, Tensor]
+    outs: Sequence[Tensor],
+    grads_f: Optional[Sequence[Tensor]],
+    grads_q: Sequence[Tensor],
+    coef: Union[float, Tensor],
+    *,
+    skip_if: Optional[Tensor] = None,
 ) -> List[Tensor]:
-    """outs[k] = grads_f[k] + coef * grads_q[k] (coef * grads_q[k] when grads_f is None)."""
+    """outs[k] = grads_f[k] + coef * grads_q[k] (coef * grads_q[k] when grads_f is None); nothing
+    when `skip_if` is nonzero."""
+    if skip_if is not None and bool(skip_if != 0):
+        return list(outs)
     for k, (out, q) in enumerate(zip(outs, grads_q)):
         acc = acc_dtype(q.dtype)
         c = coef.to(acc) if isinstance(coef, Tensor) else coef

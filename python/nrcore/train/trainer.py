@@ -245,6 +245,8 @@ class Trainer:
         mean_loss = loss_sum.item() / max(steps, 1)  # also waits for queued device work
         train_seconds = time.perf_counter() - t0
         self._check_finite(mean_loss, epoch, steps)
+        if self.device.type == "cuda":
+            _raise_cuda_op_errors(self.device)  # CUDA kernels record bad data instead of syncing
 
         record: Dict[str, Any] = {
             "epoch": epoch + 1,
@@ -385,6 +387,14 @@ def _json_line(record: Dict[str, Any]) -> str:
     import json
 
     return json.dumps(record) + "\n"
+
+
+def _raise_cuda_op_errors(device: torch.device) -> None:
+    try:
+        from nrcore.ops import check_errors
+    except ImportError:  # the package's ops layer failed to import: nothing recorded either
+        return
+    check_errors(device)
 
 
 def _ops_backend() -> Optional[str]:
