@@ -49,8 +49,12 @@ BASELINES = (  # issue 6, both variants of bootstrap and forward
     "forward", "forward:transition=true",
 )
 # (methods, noise specs): the protocol of issues 4-6
+# EBOMLC's meta lr 3e-4 was set for ~60k steps (CIFAR, 120 epochs); mnist10k's 30 epochs give
+# ~2.4k. 3e-3 was picked on the clean validation split (seed 0, sym80, among 3e-4/3e-3/1e-2) and is
+# reported as its own row next to the paper's default.
+EBOMLC_FAST = ("ebomlc:meta_lr=0.003",)
 DEFAULT_GRID: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = (
-    (("ce",) + LABEL_CORRECTION + REWEIGHTING + BASELINES, ("sym80", "unif40")),
+    (("ce",) + LABEL_CORRECTION + EBOMLC_FAST + REWEIGHTING + BASELINES, ("sym80", "unif40")),
     (("ce",) + BASELINES, ("pair40",)),
 )
 DEFAULT_SEEDS = (0, 1, 2)
