@@ -118,7 +118,8 @@ def _opcheck_cases():
         (torch.ops.nrcore.conv_tangent_kernel, (r(4, 3, 6, 6), r(4, 2, 6, 6), r(3, 3, 6, 6), r(3, 2, 6, 6), [3, 3], [1, 1], [1, 1], [1, 1], 0)),
         (torch.ops.nrcore.barrier_stats, ([r(3, 4), r(5)], [r(3, 4), r(5)], [r(7)])),
         (torch.ops.nrcore.barrier_coefficient, (torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64), 0.5)),
-        (torch.ops.nrcore.barrier_combine_, ([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], None, 0.3)),
+        (torch.ops.nrcore.barrier_combine_, ([r(3, 4), r(5)], [r(3, 4), r(5)], [r(3, 4), r(5)], None, 0.3,
+                                                  torch.zeros((), dtype=torch.float64))),
     ]
 
 
