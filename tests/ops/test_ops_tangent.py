@@ -309,6 +309,46 @@ def test_recorder_errors():
         rec2.per_sample_grads()
 
 
+def test_recorder_backwards_inside_and_after_the_block():
+    """Two backwards through one forward inside the block: Linear layers sum both gradients; a
+    BatchNorm layer (inputs dropped at the first backward) and a streaming recording name the
+    layer and raise. A backward after the block leaves the recording alone."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    linear = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+
+    def grads(model, heads, **stream):
+        rec = ops.PerSampleGradRecorder(model)
+        with rec.record(**stream):
+            out = model(x)
+            for h in heads:
+                out[:, h].sum().backward(retain_graph=True)
+        return rec
+
+    both = grads(linear, [0, 1]).per_sample_grads()
+    first, second = grads(linear, [0]).per_sample_grads(), grads(linear, [1]).per_sample_grads()
+    for name in both:
+        torch.testing.assert_close(both[name], first[name] + second[name])
+
+    with_bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double().eval()
+    with pytest.raises(RuntimeError, match=r"layer '1' got a second backward"):
+        grads(with_bn, [0, 1])
+
+    # A backward after the block (the real step through a kept graph) changes nothing.
+    for model in (linear, with_bn):
+        rec = ops.PerSampleGradRecorder(model)
+        with rec.record():
+            out = model(x)
+            out[:, 0].sum().backward(retain_graph=True)
+        out[:, 1].sum().backward()
+        want = grads(model, [0]).per_sample_grads()
+        for name, g in rec.per_sample_grads().items():
+            torch.testing.assert_close(g, want[name])
+    dirs = [{n: torch.randn_like(p) for n, p in linear.named_parameters()}]
+    with pytest.raises(RuntimeError, match="got a second backward"):
+        grads(linear, [0, 1], directions=dirs)
+
+
 def test_recorder_joint_batchnorm_keeps_the_training_graph():
     """batchnorm='joint': BatchNorm's backward is untouched (.grad equals an ordinary backward's)
     and the recorded per-example slices sum to that batch gradient."""

@@ -199,6 +199,7 @@ class PerSampleGradRecorder:
         self._param_names = {id(p): n for layer in self._layers for n, p in layer.params.values()}
         self._params = {n: p for layer in self._layers for n, p in layer.params.values()}
         self._recording = False
+        self._block = 0  # counts record() blocks: a hook acts only in the block that set it
         self._stream: Optional[Tuple[Dict[str, Tensor], int]] = None
         self._streamed: Optional[Tensor] = None
 
@@ -228,12 +229,19 @@ class PerSampleGradRecorder:
                        directions are fixed before the backward.
           kernel_with  another recorder holding a finished (stored) recording on the same layers:
                        streamed() is then kernel(kernel_with), [B, M].
+
+        Only backwards run inside the block are recorded; a later backward through the same graph
+        (a training step after the recording, say) leaves the recording as it is. Several
+        backwards inside one block add up on Linear and Conv2d layers; BatchNorm layers and
+        streaming recordings drop their inputs at the first backward, so a second one raises
+        RuntimeError naming the layer.
         """
         if self._recording:
             raise RuntimeError("PerSampleGradRecorder: record() blocks cannot nest")
         if directions is not None and kernel_with is not None:
             raise ValueError("PerSampleGradRecorder: stream either directions or kernel_with, not both")
         self.clear()
+        self._block += 1
         self._stream = None
         if directions is not None:
             self._stream = ("dot",) + self._resolve_many(directions)
@@ -257,17 +265,24 @@ class PerSampleGradRecorder:
             for h in handles:
                 h.remove()
 
-    def _watch_grad(self, use: _Use, output: Tensor) -> None:
+    def _watch_grad(self, layer: _Layer, use: _Use, output: Tensor) -> None:
+        block = self._block
+
         def hook(grad: Tensor) -> None:
-            layer = next(layer for layer in self._layers if any(u is use for u in layer.uses))
+            if not self._recording or block != self._block:
+                return  # a backward outside its block (e.g. the real step through a kept graph)
+            if use.inp is None:  # consumed by an earlier backward (see below): x-hat is gone
+                raise RuntimeError(
+                    f"PerSampleGradRecorder: layer {layer.name!r} got a second backward in one record() block; "
+                    "BatchNorm layers and streaming recordings take one backward per block"
+                )
             self._check_version(layer, use)
             if self._stream is None:
                 if isinstance(layer.module, _BatchNorm):
                     # Keep BatchNorm's per-example gradients ([B, C]) instead of its input and
                     # output gradient (two activation-sized tensors).
                     use.grad = grad.detach()
-                    parts = self._bn_grads(use)
-                    use.parts = parts if use.parts is None else {n: use.parts[n] + parts[n] for n in parts}
+                    use.parts = self._bn_grads(use)
                     use.inp = use.grad = use.source = use.norm = None
                 else:
                     use.grad = grad.detach() if use.grad is None else use.grad + grad.detach()
@@ -307,7 +322,7 @@ class PerSampleGradRecorder:
             x = inputs[0]
             use = _Use(x.detach(), x._version, x)
             layer.uses.append(use)
-            self._watch_grad(use, output)
+            self._watch_grad(layer, use, output)
             return None
 
         return hook
@@ -340,7 +355,7 @@ class PerSampleGradRecorder:
                         mean, var = module.running_mean.clone(), module.running_var.clone()
                     use = _Use(x.detach(), x._version, x, norm=(mean, var, module.eps))
                 layer.uses.append(use)
-                self._watch_grad(use, new_output if new_output is not None else output)
+                self._watch_grad(layer, use, new_output if new_output is not None else output)
             return new_output
 
         return hook
