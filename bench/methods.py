@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if parse_variant(n, reg).method not in reg]
     if unknown:
         print(f"warning: not registered, skipped: {', '.join(unknown)}", file=sys.stderr)
-        names = [n for n in names if n in reg]
+        names = [n for n in names if n not in unknown]  # keeps variants (meta:hypergrad=...) of known methods
     if BASELINE not in names:
         names.insert(0, BASELINE)  # the ratios need it
     else:
