@@ -51,19 +51,31 @@ def check_run_dir(run_dir: Path, summary: dict, epochs: int) -> None:
     assert summary["test_acc_last"] == on_disk["test_acc_last"]
 
 
+def _tiny_config(method: str, noise: str = "sym50", **settings):
+    """The resolved config of a tiny digits run; `settings` mix trainer fields and the method's options."""
+    from nrcore.methods import get_method
+    from nrcore.train import resolve_config
+    from nrcore.train.config import FIELDS
+
+    own = {o.name for o in get_method(method).options}
+    train_fields = {k: v for k, v in settings.items() if k in FIELDS}
+    method_options = {k: v for k, v in settings.items() if k in own}
+    unknown = set(settings) - set(train_fields) - set(method_options)
+    assert not unknown, f"tiny run: unknown settings {unknown}"
+    return resolve_config(cli={**TINY_SETTINGS, "method": method, "noise": noise, **train_fields}, cli_method_options=method_options)
+
+
+@pytest.fixture
+def tiny_config():
+    return _tiny_config
+
+
 @pytest.fixture
 def run_tiny(tmp_path):
     def run(method: str, noise: str = "sym50", **settings):
-        from nrcore.methods import get_method
-        from nrcore.train import resolve_config, train
-        from nrcore.train.config import FIELDS
+        from nrcore.train import train
 
-        own = {o.name for o in get_method(method).options}
-        train_fields = {k: v for k, v in settings.items() if k in FIELDS}
-        method_options = {k: v for k, v in settings.items() if k in own}
-        unknown = set(settings) - set(train_fields) - set(method_options)
-        assert not unknown, f"run_tiny: unknown settings {unknown}"
-        cfg = resolve_config(cli={**TINY_SETTINGS, "method": method, "noise": noise, **train_fields}, cli_method_options=method_options)
+        cfg = _tiny_config(method, noise, **settings)
         run_dir = tmp_path / f"{method}-{noise}"
         summary = train(cfg, run_dir)
         check_run_dir(run_dir, summary, epochs=summary["epochs_planned"])

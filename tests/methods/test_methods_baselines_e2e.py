@@ -48,13 +48,12 @@ def test_phased_baselines_estimate_the_matrix_then_correct(run_tiny, method, set
 
 
 @pytest.mark.parametrize("method,stop_after", [("glc", 2), ("forward", 3), ("coteaching", 1)])
-def test_resuming_across_a_phase_boundary_repeats_the_uninterrupted_run(tmp_path, method, stop_after):
+def test_resuming_across_a_phase_boundary_repeats_the_uninterrupted_run(tmp_path, tiny_config, method, stop_after):
     """glc stops after phase 1 (the estimate is made on resume), forward inside phase 2 (the
     estimate comes from the checkpoint), coteaching after its first epoch (two networks)."""
-    from nrcore.train import resolve_config, train
+    from nrcore.train import train
 
-    tiny = dict(dataset="digits", epochs=2, batch_size=64, clean_size=100, val_size=100, model="cnn", threads=1)
-    cfg = resolve_config(cli={**tiny, "method": method, "noise": "pair40"}, cli_method_options={})
+    cfg = tiny_config(method, noise="pair40")
     train(cfg, tmp_path / "full")
     assert train(cfg, tmp_path / "split", stop_after_epoch=stop_after)["epochs"] == stop_after
     train(cfg, tmp_path / "split", resume=True)
