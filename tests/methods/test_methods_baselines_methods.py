@@ -12,7 +12,7 @@ from torch import nn
 
 from nrcore.data.types import Batch, Split
 from nrcore.methods import MethodContext, OptimConfig
-from nrcore.methods._baselines import anchor_point_transition, forward_corrected_nll, predict_split
+from nrcore.methods._baselines import anchor_point_transition, forward_corrected_nll, predict_examples, predict_split
 from nrcore.methods.bootstrap import Bootstrap
 from nrcore.methods.coteaching import CoTeaching
 from nrcore.methods.coteaching_plus import CoTeachingPlus
@@ -80,7 +80,7 @@ def test_forward_anchor_estimate_reads_the_noisy_training_inputs():
     y = torch.tensor([0, 1, 2, 3, 1, 2])
     task = HandTask(one_hots(y.tolist()), y, one_hots([0]), torch.tensor([0]), transition=None)
     ctx = context(task, factory=noise_model)
-    method = Forward(ctx, transition="estimate", anchor_percentile=100.0)
+    method = Forward(ctx, transition="estimate", anchor_percentile=100.0, phase1_holdout=0.0)
     method.start_epoch(ctx.epochs)
     torch.testing.assert_close(method.transition.double(), T, rtol=0, atol=1e-6)
     assert method.end_epoch(ctx.epochs) == {"phase": 2}  # no true matrix: no error logged
@@ -90,7 +90,7 @@ def test_forward_anchor_estimate_reads_the_noisy_training_inputs():
 
 def test_phased_method_runs_two_schedules_and_restarts_the_network_at_phase_two():
     ctx = context(hand_task(), epochs=3, momentum=0.9)
-    method = Forward(ctx, transition="estimate")
+    method = Forward(ctx, transition="estimate", phase1_holdout=0.0)  # the hold-out: next test
     assert method.num_epochs(3) == 6
     assert [method.schedule_epoch(e) for e in range(6)] == [0, 1, 2, 0, 1, 2]
     assert [method.phase(e) for e in range(6)] == [1, 1, 1, 2, 2, 2]
@@ -112,13 +112,78 @@ def test_phased_method_runs_two_schedules_and_restarts_the_network_at_phase_two(
 
     # resume in phase 2: the estimate and the phase come back from the checkpoint
     state = method.state_dict()
-    resumed = Forward(context(ctx.task, epochs=3, momentum=0.9), transition="estimate")
+    resumed = Forward(context(ctx.task, epochs=3, momentum=0.9), transition="estimate", phase1_holdout=0.0)
     resumed.load_state_dict(state)
     resumed.start_epoch(4)
     assert resumed.correcting
     torch.testing.assert_close(resumed.transition, method.transition)
     for a, b in zip(params(resumed.model), params(method.model)):
         assert torch.equal(a, b)
+
+
+def test_forward_phase1_holdout_is_left_out_of_training_and_picks_the_epoch_to_estimate_from():
+    y = torch.arange(24) % C  # six of each class; the hold-out (a quarter) cannot take a whole class
+    task = HandTask(one_hots(y.tolist()), y, one_hots([0]), torch.tensor([0]))
+    ctx = context(task, factory=noise_model)
+    method = Forward(ctx, transition="estimate", anchor_percentile=100.0, phase1_holdout=0.25)
+    held = method.held_out
+    assert held.sum() == 6 and torch.equal(held, Forward(context(task), phase1_holdout=0.25).held_out)  # a function of the seed
+    assert all(bool((~held & (y == c)).any()) for c in range(C))
+
+    # phase 1: the loss averages the cross-entropy of the batch's examples outside the hold-out
+    batch = Batch(task.x["train"][:8], y[:8], torch.arange(8))
+    assert 0 < int(held[:8].sum()) < 8
+    with torch.no_grad():
+        per_example = F.cross_entropy(method.model(batch.x), batch.y, reduction="none")
+    method.start_epoch(0)
+    assert method.train_step(batch, None).loss.item() == pytest.approx(per_example[~held[:8]].mean().item())
+
+    # after each phase-1 epoch: the hold-out's loss on its noisy labels; the lowest one is kept
+    def set_weights(w):
+        with torch.no_grad():
+            method.model.weight.copy_(w)
+
+    set_weights(torch.zeros(C, C))  # uniform predictions
+    assert method.end_epoch(0) == {"phase": 1, "holdout_nll": pytest.approx(math.log(C))}
+    set_weights(torch.log(T).t().float())  # the noise model: p(label | one-hot of the label) = 0.7
+    assert method.end_epoch(1)["holdout_nll"] == pytest.approx(-math.log(0.7), rel=1e-6)
+    set_weights(-torch.log(T).t().float())  # worse than uniform
+    assert method.end_epoch(2)["holdout_nll"] > math.log(C)
+    assert method.phase1_best["epoch"] == 2  # 1-based, as in metrics.jsonl
+
+    # resuming in phase 1 brings the best epoch and its weights back
+    resumed = Forward(context(task, factory=noise_model), anchor_percentile=100.0, phase1_holdout=0.25)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.phase1_best["epoch"] == 2
+    torch.testing.assert_close(resumed.phase1_best["model"]["weight"], torch.log(T).t().float())
+
+    # the estimate is read from epoch 2's weights (not the last epoch's), on the examples phase 1 trained on
+    method.start_epoch(ctx.epochs)
+    torch.testing.assert_close(method.transition.double(), T, rtol=0, atol=1e-6)
+    assert method.phase1_best["model"] is None  # not carried into phase 2's checkpoints
+    assert method.artifact_info() == {"phase1_holdout_examples": 6, "phase1_epoch": 2}
+    assert "holdout_nll" not in method.end_epoch(ctx.epochs)
+
+
+def test_predict_examples_reads_the_rows_asked_for():
+    from nrcore.data import build_task
+
+    task = build_task("digits", noise="sym50", clean_size=100, val_size=0, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    rows = torch.tensor([5, 0, 700, 3, 1000])
+    probs, labels = predict_examples(model, task, "train", rows, 2, "cpu")
+    all_probs, all_labels = predict_split(model, task, "train", 256, "cpu")
+    torch.testing.assert_close(probs, all_probs[rows])
+    assert torch.equal(labels, all_labels[rows]) and torch.equal(labels, task.train.labels[rows])
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_forward_rejects_a_holdout_fraction_outside_0_1(fraction):
+    with pytest.raises(ValueError, match="--phase1-holdout"):
+        Forward(context(hand_task()), phase1_holdout=fraction)
+    with pytest.raises(ValueError, match="--phase1-holdout"):
+        Forward(context(hand_task()), phase1_holdout=0.01)  # rounds to no example of 18
 
 
 def test_forward_true_corrects_from_the_first_step_with_the_true_matrix():

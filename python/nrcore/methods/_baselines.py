@@ -100,6 +100,32 @@ def predict_split(model: torch.nn.Module, task, split: str, batch_size: int, dev
     return torch.cat(probs), torch.cat(labels)
 
 
+@torch.no_grad()
+def predict_examples(model: torch.nn.Module, task, split: str, indices: torch.Tensor, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`predict_split` restricted to the examples `indices` of `split` (in that order). In-memory
+    splits are read at those rows only; other splits (streamed) are predicted whole, then cut."""
+    source = getattr(task, split)
+    indices = indices.cpu()
+    if getattr(source, "images", None) is None:
+        probs, labels = predict_split(model, task, split, batch_size, device)
+        return probs[indices.to(probs.device)], labels[indices.to(labels.device)]
+    from nrcore.data.loader import make_loader
+    from nrcore.data.types import Split
+
+    subset = Split(labels=source.labels[indices], true_labels=source.true_labels[indices], source_index=source.source_index[indices], images=source.images[indices])
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    try:
+        loader = make_loader(task, subset, batch_size, shuffle=False, augment=False, drop_last=False, generator=None, device=device, num_workers=None)
+        for batch in loader:
+            probs.append(F.softmax(model(batch.x).float(), dim=1))
+            labels.append(batch.y)
+    finally:
+        model.train(was_training)
+    return torch.cat(probs), torch.cat(labels)
+
+
 def transition_error(estimate: torch.Tensor, truth: Optional[torch.Tensor]) -> Optional[float]:
     """Mean L1 distance between the rows of an estimated and the true matrix (0..2); analysis only."""
     if truth is None:
@@ -166,11 +192,15 @@ class TransitionCorrection(Method):
     def corrected_loss(self, batch, clean) -> torch.Tensor:
         raise NotImplementedError
 
+    def phase1_loss(self, batch) -> torch.Tensor:
+        """Phase 1's loss: cross-entropy on the noisy labels (subclasses may leave examples out)."""
+        return F.cross_entropy(self.model(batch.x), batch.y)
+
     def train_step(self, batch, clean):
         if self.correcting:
             loss = self.corrected_loss(batch, clean)
         else:
-            loss = F.cross_entropy(self.model(batch.x), batch.y)
+            loss = self.phase1_loss(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -187,6 +217,10 @@ class TransitionCorrection(Method):
     def eval_model(self):
         return self.model
 
+    def artifact_info(self) -> Dict[str, object]:
+        """Extra entries for transition.json (subclasses: how the matrix was obtained)."""
+        return {}
+
     def save_artifacts(self, run_dir: Path) -> None:
         """transition.json: the matrix used for the correction (and the true one, if known)."""
         from nrcore.train.checkpoint import atomic_write_json
@@ -199,6 +233,7 @@ class TransitionCorrection(Method):
                 "true": None if truth is None else truth.double().cpu().tolist(),
                 "row_l1_error": transition_error(self.transition, truth),
                 "convention": "T[c, c'] = P(noisy c' | true c)",
+                **self.artifact_info(),
             },
         )
 
