@@ -85,14 +85,13 @@ def class_mean_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 @torch.no_grad()
-def predict_split(model: torch.nn.Module, task, split: str, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax outputs [N, C] and labels [N] of `model` on a whole split, in eval mode, without
-    augmentation; the model's previous mode is restored."""
+def _predict(model: torch.nn.Module, loader) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs and labels over `loader`, in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
     probs, labels = [], []
     try:
-        for batch in task.loader(split, batch_size, device=device):
+        for batch in loader:
             probs.append(F.softmax(model(batch.x).float(), dim=1))
             labels.append(batch.y)
     finally:
@@ -100,7 +99,12 @@ def predict_split(model: torch.nn.Module, task, split: str, batch_size: int, dev
     return torch.cat(probs), torch.cat(labels)
 
 
-@torch.no_grad()
+def predict_split(model: torch.nn.Module, task, split: str, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs [N, C] and labels [N] of `model` on a whole split, in eval mode, without
+    augmentation; the model's previous mode is restored."""
+    return _predict(model, task.loader(split, batch_size, device=device))
+
+
 def predict_examples(model: torch.nn.Module, task, split: str, indices: torch.Tensor, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """`predict_split` restricted to the examples `indices` of `split` (in that order). In-memory
     splits are read at those rows only; other splits (streamed) are predicted whole, then cut."""
@@ -113,17 +117,8 @@ def predict_examples(model: torch.nn.Module, task, split: str, indices: torch.Te
     from nrcore.data.types import Split
 
     subset = Split(labels=source.labels[indices], true_labels=source.true_labels[indices], source_index=source.source_index[indices], images=source.images[indices])
-    was_training = model.training
-    model.eval()
-    probs, labels = [], []
-    try:
-        loader = make_loader(task, subset, batch_size, shuffle=False, augment=False, drop_last=False, generator=None, device=device, num_workers=None)
-        for batch in loader:
-            probs.append(F.softmax(model(batch.x).float(), dim=1))
-            labels.append(batch.y)
-    finally:
-        model.train(was_training)
-    return torch.cat(probs), torch.cat(labels)
+    loader = make_loader(task, subset, batch_size, shuffle=False, augment=False, drop_last=False, generator=None, device=device, num_workers=None)
+    return _predict(model, loader)
 
 
 def transition_error(estimate: torch.Tensor, truth: Optional[torch.Tensor]) -> Optional[float]:
