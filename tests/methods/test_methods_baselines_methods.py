@@ -3,6 +3,7 @@ phases, estimators wired to the right split and model, which network learns from
 selection, GLC's weighting of the trusted batch, and resuming in phase 2."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -273,6 +274,30 @@ def test_coteaching_plus_selects_inside_the_disagreement_set_after_init_epoch():
     assert stats["disagree_frac"].item() == 0.5 and stats["selected_frac"].item() == 0.25
     assert stats["label_precision"].item() == 1.0  # example 1 carries its true label
     assert method.end_epoch(2)["disagreement_rule"] == 1
+
+
+def test_coteaching_plus_warns_once_when_the_networks_agree_on_every_example():
+    task = hand_task()
+    method = CoTeachingPlus(context(task), forget_rate=0.5, num_gradual=0, init_epoch=0)
+    batches = task.loader("train", 4)
+    method.start_epoch(0)
+    for batch in batches:
+        method.train_step(batch, None)
+    assert method.end_epoch(0)["disagreements"] > 0  # two random initialisations disagree somewhere
+
+    method.model2.load_state_dict(method.model1.state_dict())  # identical networks: no disagreement
+    method.opt2.load_state_dict(method.opt1.state_dict())
+    for epoch in (1, 2):
+        method.start_epoch(epoch)
+        for batch in batches:
+            assert method.train_step(batch, None).loss.item() == 0  # nothing selected
+        if epoch == 1:
+            with pytest.warns(RuntimeWarning, match="agreed on every training example in epoch 2"):
+                assert method.end_epoch(epoch)["disagreements"] == 0
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # once per run, not every epoch
+                assert method.end_epoch(epoch)["disagreements"] == 0
 
 
 def test_coteaching_plus_init_epoch_defaults_follow_the_authors_per_dataset_values():

@@ -7,8 +7,11 @@ the disagreement set `D' = {i : argmax f(x_i) != argmax g(x_i)}`; each network k
 (mean cross-entropy of the peer's logits over that selection). The forget-rate schedule and its
 options are Co-teaching's. When the networks agree on the whole batch nothing is selected, the
 loss is 0 and the optimiser step only applies momentum and weight decay (skipping it would need
-a host sync per step). Test/validation accuracy is that of the first network; cost about twice
-`ce`.
+a host sync per step). If the networks agree on every training example for a whole epoch, the
+rule has nothing left to train on and the run can never recover (both networks collapsed onto
+the same predictions, e.g. one class for every image, as at sym80 on mnist10k): `end_epoch`
+warns once and logs `disagreements` (the epoch's count) so the stall is not silent.
+Test/validation accuracy is that of the first network; cost about twice `ce`.
 
 `--init-epoch` defaults to the authors' per-dataset values (xingruiyu/coteaching_plus
 `main.py`): 20 on CIFAR-10(N), 5 on CIFAR-100(N), 0 elsewhere (their MNIST and NEWS value).
@@ -28,7 +31,10 @@ the forget rate towards 2 tau after T_k; not implemented.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
+
+import torch
 
 from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
@@ -51,6 +57,12 @@ class CoTeachingPlus(TwoNetworkSelection):
         self.init_epoch = REFERENCE_INIT_EPOCH.get(ctx.task.dataset, 0) if init_epoch is None else int(init_epoch)
         if self.init_epoch < 0:
             raise ValueError(f"--init-epoch must be >= 0, got {self.init_epoch}")
+        self.disagreements = torch.zeros((), dtype=torch.long, device=ctx.device)  # this epoch's, summed on the device
+        self.warned_stall = False
+
+    def start_epoch(self, epoch):
+        super().start_epoch(epoch)
+        self.disagreements.zero_()
 
     def losses(self, logits1, logits2, batch):
         keep = 1 - self.epoch_forget_rate
@@ -58,8 +70,21 @@ class CoTeachingPlus(TwoNetworkSelection):
             loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep)
             return loss1, loss2, self.selection_stats(picked1, batch)
         disagree = logits1.argmax(dim=1) != logits2.argmax(dim=1)
+        self.disagreements += disagree.sum()
         loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep, candidates=disagree)
         return loss1, loss2, {**self.selection_stats(picked1, batch), "disagree_frac": disagree.float().mean()}
 
     def end_epoch(self, epoch):
-        return {**super().end_epoch(epoch), "disagreement_rule": int(epoch >= self.init_epoch)}
+        out = {**super().end_epoch(epoch), "disagreement_rule": int(epoch >= self.init_epoch)}
+        if epoch >= self.init_epoch:
+            out["disagreements"] = int(self.disagreements)  # one host sync per epoch
+            if out["disagreements"] == 0 and not self.warned_stall:
+                self.warned_stall = True
+                warnings.warn(
+                    f"coteaching-plus: the two networks agreed on every training example in epoch {epoch + 1}, so "
+                    "nothing was selected and they stopped learning; this cannot recover (try a larger --init-epoch "
+                    "or coteaching)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return out
