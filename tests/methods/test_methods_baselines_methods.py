@@ -300,6 +300,29 @@ def test_coteaching_plus_warns_once_when_the_networks_agree_on_every_example():
                 assert method.end_epoch(epoch)["disagreements"] == 0
 
 
+def test_coteaching_plus_full_batch_steps_train_on_an_agreed_batch_only_while_they_last():
+    task = hand_task()
+    method = CoTeachingPlus(context(task), forget_rate=0.5, num_gradual=0, init_epoch=0, full_batch_steps=2)
+    batch = Batch(torch.zeros(4, C), torch.tensor([0, 1, 0, 0]), torch.arange(4), y_true=torch.tensor([0, 0, 0, 0]))
+    agree = torch.tensor([[2.0, 0.0, 0.0, 0.0]] * 4)  # both networks predict class 0 everywhere
+    disagree = agree.clone()
+    disagree[1] = torch.tensor([0.0, 2.0, 0.0, 0.0])  # network 2 predicts 1 on example 1
+    method.start_epoch(0)
+    # step 1: they disagree on example 1, the disagreement rule applies (no fallback)
+    loss1, _, stats = method.losses(agree, disagree, batch)
+    assert loss1.item() == pytest.approx(F.cross_entropy(agree[1:2], batch.y[1:2]).item()) and stats["full_batch_frac"] == 0
+    # step 2: they agree everywhere; within the first 2 steps both train on the whole batch
+    loss1, loss2, stats = method.losses(agree, agree, batch)
+    assert loss1.item() == pytest.approx(F.cross_entropy(agree, batch.y).item()) and loss2.item() == loss1.item()
+    assert stats["full_batch_frac"] == 1 and stats["selected_frac"] == 1 and stats["label_precision"] == 0.75
+    # step 3: past the fallback's steps: nothing to select, no loss (the paper's rule)
+    loss1, loss2, stats = method.losses(agree, agree, batch)
+    assert loss1.item() == loss2.item() == 0 and stats["full_batch_frac"] == 0
+    assert CoTeachingPlus(context(task)).full_batch_steps == 0  # the paper's rule by default
+    with pytest.raises(ValueError, match="--full-batch-steps"):
+        CoTeachingPlus(context(task), full_batch_steps=-1)
+
+
 def test_coteaching_plus_init_epoch_defaults_follow_the_authors_per_dataset_values():
     assert CoTeachingPlus(context(hand_task(dataset="cifar10"))).init_epoch == 20
     assert CoTeachingPlus(context(hand_task(dataset="cifar100"))).init_epoch == 5

@@ -5,12 +5,19 @@ Until `init_epoch` the update is Co-teaching's. From then on, the candidates of 
 the disagreement set `D' = {i : argmax f(x_i) != argmax g(x_i)}`; each network keeps the
 `ceil(R(T) |D'|)` candidates with its smallest cross-entropy and its peer is updated on them
 (mean cross-entropy of the peer's logits over that selection). The forget-rate schedule and its
-options are Co-teaching's. When the networks agree on the whole batch nothing is selected, the
-loss is 0 and the optimiser step only applies momentum and weight decay (skipping it would need
-a host sync per step). If the networks agree on every training example for a whole epoch, the
-rule has nothing left to train on and the run can never recover (both networks collapsed onto
-the same predictions, e.g. one class for every image, as at sym80 on mnist10k): `end_epoch`
-warns once and logs `disagreements` (the epoch's count) so the stall is not silent.
+options are Co-teaching's.
+
+When the networks agree on the whole batch there is nothing to select: the loss is 0 and the
+optimiser step only applies momentum and weight decay (skipping it would need a host sync per
+step). That is the paper's rule, and the default. Two networks that agree everywhere (e.g. both
+predicting one class for every image, which happens within the first epochs at sym80 on
+mnist10k) then never receive a gradient again; `end_epoch` warns once when a whole epoch had no
+disagreement. The authors' code has a safety net that the paper does not describe:
+`--full-batch-steps N` trains both networks on the whole batch with plain cross-entropy when
+they agree on all of it, during the first N optimiser steps (5000 in their code; note that such
+a batch is then fitted with its noisy labels). Each epoch logs `disagreements` (training
+examples the networks disagreed on, summed over the epoch's steps) and `full_batch_frac` (the
+fraction of steps that fell back to the whole batch).
 Test/validation accuracy is that of the first network; cost about twice `ce`.
 
 `--init-epoch` defaults to the authors' per-dataset values (xingruiyu/coteaching_plus
@@ -23,10 +30,12 @@ the gradient come from `-log softmax(softmax(z))[y]`, a loss confined to
 gradients; here cross-entropy takes the logits. Also fixed there: the
 disagreement indices are built by multiplying dataset indices by a 0/1 mask and dropping zeros
 (so the example with dataset index 0 is lost and the last disagreeing example is cut to make the
-counts match); the Co-teaching loss it calls divides an averaged loss a second time; and with
-an empty disagreement set before step 5000 (counted as `epoch * i`) it trains on the whole batch
-instead. The authors' code also carries a commented-out schedule (`type_2`) that keeps raising
-the forget rate towards 2 tau after T_k; not implemented.
+counts match); the Co-teaching loss it calls divides an averaged loss a second time; and its
+step count for the whole-batch fallback is `epoch * i` (i the batch index within the epoch), so
+the fallback stays on for every batch of the first epoch and for the first `5000 / epoch`
+batches of later ones; nrcore counts optimiser steps. The authors' code also carries a
+commented-out schedule (`type_2`) that keeps raising the forget rate towards 2 tau after T_k;
+not implemented.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
@@ -50,13 +60,18 @@ class CoTeachingPlus(TwoNetworkSelection):
     paper = "Yu et al., ICML 2019"
     options = SELECTION_OPTIONS + (
         Option("init_epoch", int, None, "epochs of plain Co-teaching before the disagreement rule; unset: 20 on CIFAR-10, 5 on CIFAR-100, 0 otherwise (the authors' values)"),
+        Option("full_batch_steps", int, 0, "during the first this many steps, a batch on which the networks agree everywhere trains both on the whole batch with cross-entropy (the authors' code uses 5000; 0, the paper's rule: it gives no update)"),
     )
 
-    def __init__(self, ctx, forget_rate: Optional[float] = None, num_gradual: int = 10, forget_exponent: float = 1.0, init_epoch: Optional[int] = None):
+    def __init__(self, ctx, forget_rate: Optional[float] = None, num_gradual: int = 10, forget_exponent: float = 1.0, init_epoch: Optional[int] = None, full_batch_steps: int = 0):
         super().__init__(ctx, forget_rate, num_gradual, forget_exponent)
         self.init_epoch = REFERENCE_INIT_EPOCH.get(ctx.task.dataset, 0) if init_epoch is None else int(init_epoch)
         if self.init_epoch < 0:
             raise ValueError(f"--init-epoch must be >= 0, got {self.init_epoch}")
+        if full_batch_steps < 0:
+            raise ValueError(f"--full-batch-steps must be >= 0, got {full_batch_steps}")
+        self.full_batch_steps = full_batch_steps
+        self.steps_done = self.track("steps_done", 0)  # a host-side count: no sync
         self.disagreements = torch.zeros((), dtype=torch.long, device=ctx.device)  # this epoch's, summed on the device
         self.warned_stall = False
 
@@ -66,19 +81,32 @@ class CoTeachingPlus(TwoNetworkSelection):
 
     def losses(self, logits1, logits2, batch):
         keep = 1 - self.epoch_forget_rate
+        self.steps_done += 1
         if self.epoch < self.init_epoch:
             loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep)
             return loss1, loss2, self.selection_stats(picked1, batch)
         disagree = logits1.argmax(dim=1) != logits2.argmax(dim=1)
         self.disagreements += disagree.sum()
         loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep, candidates=disagree)
-        return loss1, loss2, {**self.selection_stats(picked1, batch), "disagree_frac": disagree.float().mean()}
+        stats = {**self.selection_stats(picked1, batch), "disagree_frac": disagree.float().mean()}
+        if self.steps_done <= self.full_batch_steps:
+            whole_batch = ~disagree.any()  # a device tensor: torch.where instead of an `if`
+            loss1 = torch.where(whole_batch, F.cross_entropy(logits1, batch.y), loss1)
+            loss2 = torch.where(whole_batch, F.cross_entropy(logits2, batch.y), loss2)
+            stats["selected_frac"] = torch.where(whole_batch, torch.ones_like(stats["selected_frac"]), stats["selected_frac"])
+            if "label_precision" in stats:
+                batch_precision = (batch.y == batch.y_true).float().mean()
+                stats["label_precision"] = torch.where(whole_batch, batch_precision, stats["label_precision"])
+            stats["full_batch_frac"] = whole_batch.float()
+        else:
+            stats["full_batch_frac"] = torch.zeros((), device=disagree.device)
+        return loss1, loss2, stats
 
     def end_epoch(self, epoch):
         out = {**super().end_epoch(epoch), "disagreement_rule": int(epoch >= self.init_epoch)}
         if epoch >= self.init_epoch:
             out["disagreements"] = int(self.disagreements)  # one host sync per epoch
-            if out["disagreements"] == 0 and not self.warned_stall:
+            if out["disagreements"] == 0 and self.steps_done > self.full_batch_steps and not self.warned_stall:
                 self.warned_stall = True
                 warnings.warn(
                     f"coteaching-plus: the two networks agreed on every training example in epoch {epoch + 1}, so "
