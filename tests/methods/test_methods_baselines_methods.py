@@ -278,7 +278,7 @@ def test_coteaching_plus_selects_inside_the_disagreement_set_after_init_epoch():
 
 def test_coteaching_plus_warns_once_when_the_networks_agree_on_every_example():
     task = hand_task()
-    method = CoTeachingPlus(context(task), forget_rate=0.5, num_gradual=0, init_epoch=0)
+    method = CoTeachingPlus(context(task), forget_rate=0.5, num_gradual=0, init_epoch=0, full_batch_steps=0)
     batches = task.loader("train", 4)
     method.start_epoch(0)
     for batch in batches:
@@ -318,7 +318,7 @@ def test_coteaching_plus_full_batch_steps_train_on_an_agreed_batch_only_while_th
     # step 3: past the fallback's steps: nothing to select, no loss (the paper's rule)
     loss1, loss2, stats = method.losses(agree, agree, batch)
     assert loss1.item() == loss2.item() == 0 and stats["full_batch_frac"] == 0
-    assert CoTeachingPlus(context(task)).full_batch_steps == 0  # the paper's rule by default
+    assert CoTeachingPlus(context(task)).full_batch_steps == 5000  # the authors' value
     with pytest.raises(ValueError, match="--full-batch-steps"):
         CoTeachingPlus(context(task), full_batch_steps=-1)
 
