@@ -13,9 +13,10 @@ both networks then train on the whole batch with plain cross-entropy on its nois
 matters at the start: a freshly initialised BatchNorm CNN predicts nearly one class for every
 input, the first updates move both networks to the same class, and under the bare rule (`0`:
 the loss is 0, the optimiser step only applies momentum and weight decay) two networks that
-agree everywhere never receive a gradient again. On mnist10k that collapse to chance happened
-within the first epoch in 3 of 6 runs at sym80 and pair40 with `--full-batch-steps 0`; with the
-fallback it is used on a few percent of the first epoch's batches and rarely later. `end_epoch`
+agree everywhere never receive a gradient again. On mnist10k with `--full-batch-steps 0` that
+collapse to chance happened in all three runs at sym80 and one of three at pair40 (in the first
+epoch or by epoch 7); with the fallback it is used on a few percent of the first epoch's batches
+and rarely later. `end_epoch`
 warns once if a whole epoch passes without a disagreement after the fallback's steps. Each
 epoch logs `disagreements` (training examples the networks disagreed on, summed over the
 epoch's steps) and `full_batch_frac` (the fraction of steps that fell back to the whole batch).
