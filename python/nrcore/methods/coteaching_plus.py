@@ -15,10 +15,10 @@ input, the first updates move both networks to the same class, and under the bar
 the loss is 0, the optimiser step only applies momentum and weight decay) two networks that
 agree everywhere never receive a gradient again. On mnist10k with `--full-batch-steps 0` that
 collapse to chance happened in all three runs at sym80 and one of three at pair40 (in the first
-epoch or by epoch 7); with the fallback it is used on a few percent of the first epoch's batches
-and rarely later. `end_epoch`
-warns once if a whole epoch passes without a disagreement after the fallback's steps. Each
-epoch logs `disagreements` (training examples the networks disagreed on, summed over the
+epoch or by epoch 7). With the fallback (the default) no pair40 or unif40 run collapsed (it fired
+on 4-9% of their batches), but at sym80 the networks still stayed near one class (14.7% test
+accuracy; docs/methods-baselines.md, Results). `end_epoch` warns once if a whole epoch passes
+without a disagreement after the fallback's steps. Each epoch logs `disagreements` (training examples the networks disagreed on, summed over the
 epoch's steps) and `full_batch_frac` (the fraction of steps that fell back to the whole batch).
 Test/validation accuracy is that of the first network; cost about twice `ce`.
 
