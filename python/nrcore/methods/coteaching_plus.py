@@ -18,9 +18,10 @@ collapse to chance happened in all three runs at sym80 and one of three at pair4
 epoch or by epoch 7). With the fallback (the default) no pair40 or unif40 run collapsed (it fired
 on 4-9% of their batches), but at sym80 the networks still stayed near one class (14.7% test
 accuracy; docs/methods-baselines.md, Results). `end_epoch` warns once if a whole epoch passes
-without a disagreement after the fallback's steps. Each epoch logs `disagreements` (training examples the networks disagreed on, summed over the
-epoch's steps) and `full_batch_frac` (the fraction of steps that fell back to the whole batch).
-Test/validation accuracy is that of the first network; cost about twice `ce`.
+without a disagreement after the fallback's steps. Each epoch logs `disagreements` (training
+examples the networks disagreed on, summed over the epoch's steps) and `full_batch_frac` (the
+fraction of steps that fell back to the whole batch). Test/validation accuracy is that of the
+first network; cost about twice `ce`.
 
 `--init-epoch` defaults to the authors' per-dataset values (xingruiyu/coteaching_plus
 `main.py`): 20 on CIFAR-10(N), 5 on CIFAR-100(N), 0 elsewhere (their MNIST and NEWS value).
