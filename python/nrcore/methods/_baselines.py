@@ -270,15 +270,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def cross_update_losses(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, keep_fraction: float, candidates: Optional[torch.Tensor] = None):
+def cross_update_losses(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    labels: torch.Tensor,
+    keep_fraction: float,
+    candidates: Optional[torch.Tensor] = None,
+    select_all: Optional[torch.Tensor] = None,
+):
     """The cross update of Co-teaching: each network picks its small-loss examples and its
     peer learns from them. Returns (loss of network 1, loss of network 2, mask picked by
     network 1, mask picked by network 2); both losses are per-example cross-entropies of the
-    logits averaged once over the peer's selection."""
+    logits averaged once over the peer's selection. `select_all`, a 0-d bool tensor: where
+    true, both networks pick the whole batch (Co-teaching+'s fallback; a tensor, so no sync)."""
     ce1 = F.cross_entropy(logits1, labels, reduction="none")
     ce2 = F.cross_entropy(logits2, labels, reduction="none")
     picked1 = small_loss_mask(ce1, keep_fraction, candidates)
     picked2 = small_loss_mask(ce2, keep_fraction, candidates)
+    if select_all is not None:
+        picked1, picked2 = picked1 | select_all, picked2 | select_all
     return masked_mean(ce1, picked2), masked_mean(ce2, picked1), picked1, picked2
 
 

@@ -47,7 +47,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
@@ -90,19 +89,12 @@ class CoTeachingPlus(TwoNetworkSelection):
             return loss1, loss2, self.selection_stats(picked1, batch)
         disagree = logits1.argmax(dim=1) != logits2.argmax(dim=1)
         self.disagreements += disagree.sum()
-        loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep, candidates=disagree)
-        stats = {**self.selection_stats(picked1, batch), "disagree_frac": disagree.float().mean()}
         if self.steps_done <= self.full_batch_steps:
-            whole_batch = ~disagree.any()  # a device tensor: torch.where instead of an `if`
-            loss1 = torch.where(whole_batch, F.cross_entropy(logits1, batch.y), loss1)
-            loss2 = torch.where(whole_batch, F.cross_entropy(logits2, batch.y), loss2)
-            stats["selected_frac"] = torch.where(whole_batch, torch.ones_like(stats["selected_frac"]), stats["selected_frac"])
-            if "label_precision" in stats:
-                batch_precision = (batch.y == batch.y_true).float().mean()
-                stats["label_precision"] = torch.where(whole_batch, batch_precision, stats["label_precision"])
-            stats["full_batch_frac"] = whole_batch.float()
+            whole_batch = ~disagree.any()  # a device tensor: no `if` on it, no sync
         else:
-            stats["full_batch_frac"] = torch.zeros((), device=disagree.device)
+            whole_batch = torch.zeros((), dtype=torch.bool, device=disagree.device)
+        loss1, loss2, picked1, _ = cross_update_losses(logits1, logits2, batch.y, keep, candidates=disagree, select_all=whole_batch)
+        stats = {**self.selection_stats(picked1, batch), "disagree_frac": disagree.float().mean(), "full_batch_frac": whole_batch.float()}
         return loss1, loss2, stats
 
     def end_epoch(self, epoch):
