@@ -57,19 +57,17 @@ def transition_report(run_dir: Path) -> Dict:
 
 
 def model_report(run_dir: Path) -> Dict:
-    """Per-class test recall and prediction share of the run's final network."""
-    from nrcore.data import build_task
+    """Test accuracy, never-predicted classes and per-class recall of the run's final network."""
     from nrcore.methods._baselines import predict_split
     from nrcore.models import build_model
+    from nrcore.train import TrainConfig, build_run_task
+    from nrcore.train.checkpoint import load_checkpoint
 
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = ckpt["config"]
-    task = build_task(
-        cfg["dataset"], data_dir=cfg["data_dir"], noise=cfg["noise"], clean_size=cfg["clean_size"], clean_frac=cfg["clean_frac"],
-        val_size=cfg["val_size"], seed=cfg["seed"], use_clean_in_train=cfg["use_clean_in_train"], verify_checksums=cfg["verify_checksums"],
-    )
-    model = build_model(cfg["model"], task.input_shape, task.num_classes)
-    model.load_state_dict(ckpt["method"]["model"])
+    state = load_checkpoint(run_dir)
+    cfg = TrainConfig(**state["config"])
+    task = build_run_task(cfg)
+    model = build_model(cfg.model, task.input_shape, task.num_classes)
+    model.load_state_dict(state["method"]["model"])
     probs, labels = predict_split(model, task, "test", 1000, torch.device("cpu"))
     pred = probs.argmax(1)
     recall = [float((pred[labels == k] == k).float().mean()) if (labels == k).any() else float("nan") for k in range(task.num_classes)]

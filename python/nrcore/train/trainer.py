@@ -45,6 +45,26 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the last checkpoint is left untouched."""
 
 
+def build_run_task(cfg: TrainConfig):
+    """The task (data, splits, noisy labels) a run with `cfg` trains on: the same for a fresh
+    run, a resumed one and the analysis of a finished one (its config from summary.json or
+    checkpoint.pt)."""
+    from nrcore.data import build_task
+
+    return build_task(
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        noise=cfg.noise,
+        clean_size=cfg.clean_size,
+        clean_frac=cfg.clean_frac,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+        use_clean_in_train=cfg.use_clean_in_train,
+        download=cfg.download,
+        verify_checksums=cfg.verify_checksums,
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,22 +98,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self._prepare_run_dir()
 
-        from nrcore.data import build_task, save_task_labels
+        from nrcore.data import save_task_labels
         from nrcore.models import build_model
 
         cls = get_method(cfg.method)
-        task = build_task(
-            cfg.dataset,
-            data_dir=cfg.data_dir,
-            noise=cfg.noise,
-            clean_size=cfg.clean_size,
-            clean_frac=cfg.clean_frac,
-            val_size=cfg.val_size,
-            seed=cfg.seed,
-            use_clean_in_train=cfg.use_clean_in_train,
-            download=cfg.download,
-            verify_checksums=cfg.verify_checksums,
-        )
+        task = build_run_task(cfg)
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
         self.task = task
