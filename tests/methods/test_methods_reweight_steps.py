@@ -271,18 +271,23 @@ def test_l2rw_steps_by_hand(task, hypergrad):
         assert 0 < int((useful > 0).sum()) < len(batch)
 
 
-@pytest.mark.parametrize("hypergrad", ["tangent", "jvp", "autograd"])
-def test_mwnet_steps_by_hand(task, hypergrad):
+@pytest.mark.parametrize("hypergrad,normalize", [("tangent", False), ("jvp", False), ("autograd", False), ("tangent", True), ("autograd", True)])
+def test_mwnet_steps_by_hand(task, hypergrad, normalize):
     """∇φ L_val(θ'(φ)) with θ' the REAL optimiser's step (momentum, weight decay), then Adam on φ,
-    then the real step with the updated weighting net."""
-    method = _method(task, "mwnet", "mlp", hypergrad=hypergrad)
+    then the real step with the updated weighting net; `normalize`: both losses are
+    Σ_i w_i l_i / Σ_j w_j, differentiated through the sum."""
+    method = _method(task, "mwnet", "mlp", hypergrad=hypergrad, normalize_weights=normalize)
+
+    def weighted_loss(w, losses):
+        return (w * losses).sum() / w.sum() if normalize else (w * losses).mean()
+
     model, vnet = copy.deepcopy(method.model), copy.deepcopy(method.vnet)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     vopt = torch.optim.Adam(vnet.parameters(), lr=1e-3, weight_decay=1e-4)
     for batch, clean in _batches(task):
         losses = F.cross_entropy(model(batch.x), batch.y, reduction="none")
         w = vnet(losses.detach())
-        grads = torch.autograd.grad((w * losses).mean(), list(model.parameters()), create_graph=True)
+        grads = torch.autograd.grad(weighted_loss(w, losses), list(model.parameters()), create_graph=True)
         val = _lookahead_loss(model, _sgd_lookahead(opt, model, grads), clean)
         vopt.zero_grad()
         val.backward(inputs=list(vnet.parameters()))
@@ -290,7 +295,7 @@ def test_mwnet_steps_by_hand(task, hypergrad):
         with torch.no_grad():
             new_w = vnet(losses)
         opt.zero_grad()
-        (new_w * losses).mean().backward()
+        weighted_loss(new_w, losses).backward()
         opt.step()
 
         method.train_step(batch, clean)

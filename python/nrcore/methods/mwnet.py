@@ -10,8 +10,16 @@ clean batch through a one-step look-ahead. Per step, with `l_i` the noisy batch'
     θ      <- SGD(θ, ∇θ (1/|B|) Σ_i V_φ(l_i) l_i(θ))            with the updated φ
 
 ∇φ L_val = Σ_i (∂L_val/∂w_i) ∂w_i/∂φ, with ∂L_val/∂w_i the per-example hypergradient the family
-shares (`--hypergrad`, as in `meta`). Defaults follow the authors' code: Adam
+shares (`--hypergrad`, as in `meta`). Defaults follow the authors' later code: Adam
 lr 1e-3, weight decay 1e-4, weights not normalised by their sum.
+
+`--normalize-weights` is the authors' first release: both the look-ahead and the real step use
+`Σ_i w_i l_i / Σ_j w_j` (here: weights rescaled to mean 1 before the mean-form step), and the
+φ-gradient flows through the normalisation. Without it, scaling every weight up is a way to
+take a longer step; when the noisy batch's mean gradient still points roughly along the clean
+one (symmetric noise, where the true label keeps the plurality), that direction dominates ∇φ, the
+sigmoid saturates near 1 and the method is plain cross-entropy. Normalising removes the
+common scale, so only the relative weights are learned.
 
 Exposed per-example weight (`example_weights`, in [0, 1]): the latest `V_φ(l_i)` each example
 received in a real step; 1/2 (what an untrained sigmoid net gives) before it has been seen.
@@ -47,23 +55,31 @@ class MetaWeightNet(ReweightingMethod):
         Option("vnet_hidden", int, 100, "hidden units of the weighting net"),
         Option("vnet_lr", float, 1e-3, "Adam learning rate of the weighting net"),
         Option("vnet_weight_decay", float, 1e-4, "Adam weight decay of the weighting net"),
+        Option("normalize_weights", bool, False, "divide the weighted loss by the batch's weight sum (the authors' first release)"),
     )
 
-    def __init__(self, ctx, hypergrad, vnet_hidden, vnet_lr, vnet_weight_decay):
+    def __init__(self, ctx, hypergrad, vnet_hidden, vnet_lr, vnet_weight_decay, normalize_weights):
         super().__init__(ctx)
+        self.normalize_weights = normalize_weights
         self.vnet = self.track("vnet", WeightNet(vnet_hidden).to(ctx.device))
         self.vnet_opt = self.track("vnet_optimizer", torch.optim.Adam(self.vnet.parameters(), lr=vnet_lr, weight_decay=vnet_weight_decay))
         self.metagrad = MetaGradient(self.model, self.opt, rule="optimizer", mode=hypergrad)
 
+    def step_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights of the mean-form step `(1/B) Σ_i v_i l_i`: `V_φ(l_i)`, or rescaled to mean 1."""
+        if not self.normalize_weights:
+            return weights
+        return weights * (weights.shape[0] / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny))
+
     def train_step(self, batch, clean):
         fwd = self.metagrad.forward(batch.x, batch.y)
-        weights = self.vnet(fwd.losses)
+        weights = self.step_weights(self.vnet(fwd.losses))
         hypergrad, val_loss = self.metagrad.hypergradient(fwd, weights.detach(), clean.x, clean.y)
         self.vnet_opt.zero_grad(set_to_none=True)
-        weights.backward(hypergrad)  # chain rule: ∇φ L_val = Σ_i ∂L_val/∂w_i ∇φ w_i
+        weights.backward(hypergrad)  # chain rule: ∇φ L_val = Σ_i ∂L_val/∂v_i ∇φ v_i
         self.vnet_opt.step()
         with torch.no_grad():
             new_weights = self.vnet(fwd.losses)
         self.weights[batch.index] = new_weights
-        loss = self.metagrad.step(fwd, new_weights)
+        loss = self.metagrad.step(fwd, self.step_weights(new_weights))
         return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": new_weights.mean()})
