@@ -158,6 +158,7 @@ def _train_command():
 
 def _run_train(kwargs: Dict[str, Any], method_option_names) -> None:
     from nrcore.train import NonFiniteLossError, TrainConfig, resolve_config, train
+    from nrcore.train.config import with_new_option_defaults
     from nrcore.train.progress import Progress
 
     method_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in method_option_names}
@@ -182,7 +183,7 @@ def _run_train(kwargs: Dict[str, Any], method_option_names) -> None:
         config_path = Path(resume) / "config.json"
         if not config_path.is_file():
             raise ValueError(f"--resume: {resume!r} has no config.json (not a run directory)")
-        cfg = TrainConfig(**{**json.loads(config_path.read_text()), **given})
+        cfg = TrainConfig(**{**with_new_option_defaults(json.loads(config_path.read_text())), **given})
         run_dir = Path(resume)
     else:
         cfg = resolve_config(cli=given, cli_method_options=given_method, preset=preset, config_file=config_file)

@@ -66,6 +66,22 @@ def test_grid_refuses_a_run_dir_with_other_settings(accuracy, tmp_path, capsys):
     assert "stale" in capsys.readouterr().out
 
 
+def test_grid_counts_a_run_from_before_a_new_method_option_as_done(accuracy, tmp_path):
+    """A finished run whose config lacks an option added since (at its default: the old
+    behaviour) is the same run, not a stale one."""
+    args = accuracy.parse_args(["--dataset", "digits", "--methods", "mwnet", "--noise", "sym50", "--seeds", "0", "--out", str(tmp_path)])
+    (run,), _ = accuracy.build_grid(args)
+    older = run.cfg.to_dict()
+    del older["method_options"]["normalize_weights"]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.json").write_text(json.dumps(older))
+    (run.run_dir / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert accuracy.classify(run) == ("done", "")
+    older["method_options"]["vnet_hidden"] = 7  # a real difference still makes it stale
+    (run.run_dir / "config.json").write_text(json.dumps(older))
+    assert accuracy.classify(run)[0] == "stale"
+
+
 def test_grid_spec_parsing(accuracy, capsys):
     from nrcore.methods import registry
 

@@ -130,6 +130,32 @@ def test_resume_refuses_changed_settings(tmp_path):
         train(_cfg(method="ce", epochs=2, lr=0.3), tmp_path / "run", resume=True)
 
 
+def _as_if_written_before(run_dir, option):
+    """Rewrite a run's config.json and checkpoint as an nrcore without method option `option` wrote them."""
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["method_options"][option]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    state = ckpt_mod.load_checkpoint(run_dir)
+    del state["config"]["method_options"][option]
+    ckpt_mod.save_checkpoint(run_dir, state)
+
+
+def test_run_from_before_a_new_method_option_still_resumes(tmp_path, capsys):
+    """A method option added later (here mwnet's normalize_weights) defaults to the old behaviour:
+    a run saved without it resumes through train() and through the CLI (cfg from config.json)."""
+    from nrcore.cli import main
+
+    cfg = _cfg(method="mwnet", noise="sym50", epochs=2, method_options={"hypergrad": "autograd"})
+    for name in ("api", "cli"):
+        train(cfg, tmp_path / name, stop_after_epoch=1)
+        _as_if_written_before(tmp_path / name, "normalize_weights")
+    assert train(cfg, tmp_path / "api", resume=True)["status"] == "finished"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(tmp_path / "cli"), "--quiet"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["status"] == "finished"
+
+
 def test_method_needing_trusted_set_without_one_is_refused(tmp_path):
     needs = [cls for cls in __import__("nrcore.methods", fromlist=["registry"]).registry().values() if cls.needs_clean]
     if not needs:

@@ -160,6 +160,19 @@ def resolve_config(
     return cfg
 
 
+def with_new_option_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved run config (config.json, a checkpoint's) with the method options added to nrcore
+    since it was written filled in at their defaults. A new option's default keeps the old
+    behaviour, so a run made before it existed still resumes and still matches a grid's request."""
+    from nrcore.methods import registry
+
+    cls = registry().get(saved.get("method"))
+    options = saved.get("method_options")
+    if cls is None or not isinstance(options, dict):
+        return saved
+    return {**saved, "method_options": {**{o.name: o.default for o in cls.options}, **options}}
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail later or silently do something else."""
 
