@@ -15,11 +15,11 @@ lr 1e-3, weight decay 1e-4, weights not normalised by their sum.
 
 `--normalize-weights` is the authors' first release: both the look-ahead and the real step use
 `Σ_i w_i l_i / Σ_j w_j` (here: weights rescaled to mean 1 before the mean-form step), and the
-φ-gradient flows through the normalisation. Without it, scaling every weight up is a way to
-take a longer step; when the noisy batch's mean gradient still points roughly along the clean
-one (symmetric noise, where the true label keeps the plurality), that direction dominates ∇φ, the
-sigmoid saturates near 1 and the method is plain cross-entropy. Normalising removes the
-common scale, so only the relative weights are learned.
+φ-gradient flows through the normalisation. Without it, scaling every weight up is simply a
+longer step, and ∇φ can go to that common scale: on mnist10k at sym80 every weight reaches about
+0.99 within two epochs (a saturated sigmoid) and the run is plain cross-entropy. Normalised, only
+the relative weights matter, and there it separates clean from noisy (AUROC 0.94) and gains 35
+points (docs/methods-reweighting.md, Measurements).
 
 Exposed per-example weight (`example_weights`, in [0, 1]): the latest `V_φ(l_i)` each example
 received in a real step; 1/2 (what an untrained sigmoid net gives) before it has been seen.
