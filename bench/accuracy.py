@@ -134,13 +134,11 @@ def build_grid(args) -> Tuple[List[GridRun], List[str]]:
 
 def classify(run: GridRun) -> Tuple[str, str]:
     """What the grid does with this run directory."""
-    from nrcore.train.config import with_new_option_defaults
+    from nrcore.train.config import changed_settings
 
     summary_path, config_path = run.run_dir / "summary.json", run.run_dir / "config.json"
     if config_path.is_file():
-        saved = with_new_option_defaults(json.loads(config_path.read_text()))
-        wanted = run.cfg.to_dict()
-        differ = sorted(k for k in wanted if k not in HARMLESS and saved.get(k) != wanted[k])
+        differ = changed_settings(json.loads(config_path.read_text()), run.cfg, HARMLESS)
         if differ:
             return "stale", f"holds a run with other {', '.join(differ)}; delete it or choose another --out"
     if summary_path.is_file():

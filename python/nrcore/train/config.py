@@ -173,6 +173,14 @@ def with_new_option_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
     return {**saved, "method_options": {**{o.name: o.default for o in cls.options}, **options}}
 
 
+def changed_settings(saved: Dict[str, Any], cfg: TrainConfig, ignore=frozenset()) -> List[str]:
+    """The keys, sorted, whose value in `saved` (a run's config.json or checkpoint config) differs
+    from `cfg`'s, apart from `ignore`; options added since `saved` was written count at their
+    defaults (`with_new_option_defaults`)."""
+    saved = with_new_option_defaults(saved)
+    return sorted(k for k, v in cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail later or silently do something else."""
 

@@ -32,7 +32,7 @@ import torch
 import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from nrcore.train.config import TrainConfig, lr_factor, with_new_option_defaults
+from nrcore.train.config import TrainConfig, changed_settings, lr_factor
 from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
 
@@ -172,9 +172,7 @@ class Trainer:
 
     def _restore(self) -> int:
         state = load_checkpoint(self.run_dir)
-        saved = with_new_option_defaults(state["config"])
-        now = self.cfg.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        changed = changed_settings(state["config"], self.cfg, RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"--resume: the run was made with different settings for {', '.join(changed)}")
         self.method.load_state_dict(state["method"])
