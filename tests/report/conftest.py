@@ -70,6 +70,12 @@ def write_run(
         traj = np.where(is_noisy[idx], rise * np.clip(1.5 - 2.5 * t, 0.05, 1), np.minimum(rise + t, 1.0))
         np.savez(run_dir / "weights.npz", final_weights=final, is_noisy=is_noisy, tracked_index=idx,
                  tracked_is_noisy=is_noisy[idx], trajectories=traj.astype(np.float32))
+        # labels/ as the trainer saves them, consistent with is_noisy (10 classes)
+        true = rng.integers(0, 10, n)
+        given = np.where(is_noisy, (true + rng.integers(1, 10, n)) % 10, true)
+        (run_dir / "labels").mkdir()
+        np.save(run_dir / "labels" / "train_labels.npy", given)
+        np.save(run_dir / "labels" / "train_true_labels.npy", true)
     if label_correction:
         c = 10
         true = rng.integers(0, c, 500)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from click.testing import CliRunner
 
 from nrcore.report.figures import render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-KINDS = ("accuracy", "weight-auroc", "trajectories", "weight-hist", "label-correction")
+KINDS = ("accuracy", "weight-auroc", "trajectories", "weight-hist", "weight-pairs", "label-correction")
 
 
 def check_png(path):
@@ -59,9 +63,9 @@ def test_phased_runs_plot_their_second_phase(synthetic_runs):
 def test_per_run_figures_lowest_seed_unless_every_seed(synthetic_runs, tmp_path):
     default = render_report([synthetic_runs], tmp_path / "a")
     every = render_report([synthetic_runs], tmp_path / "b", every_seed=True)
-    per_run = lambda rep: sorted(p.name for p in rep.figures if p.name.startswith(("trajectories", "weight-hist", "label-correction")))
-    assert all("seed0" in n for n in per_run(default)) and len(per_run(default)) == 3
-    assert len(per_run(every)) == 6 and any("seed1" in n for n in per_run(every))
+    per_run = lambda rep: sorted(p.name for p in rep.figures if p.name.startswith(KINDS[2:]))
+    assert all("seed0" in n for n in per_run(default)) and len(per_run(default)) == 4
+    assert len(per_run(every)) == 8 and any("seed1" in n for n in per_run(every))
 
 
 def test_single_run_without_validation_split(make_run, tmp_path):
@@ -97,3 +101,28 @@ def test_damaged_artifact_is_a_note_not_a_crash(synthetic_runs, tmp_path):
     assert any("label correction heatmap" in n and "mlc-seed0" in n for n in report.notes)
     assert not any(p.name.startswith("label-correction") for p in report.figures)
     assert any(p.name.startswith("trajectories") for p in report.figures)
+
+
+def test_weight_by_label_pair_means_and_counts():
+    from nrcore.report.figures import weight_by_label_pair
+
+    weights = np.array([1.0, 0.5, 0.0, 0.2, 0.4, 0.9, 0.3])
+    given = np.array([0, 0, 1, 1, 2, 2, 1])
+    true = np.array([0, 0, 0, 1, 1, 2, -1])  # the last one's true label is unknown: left out
+    means, counts = weight_by_label_pair(weights, given, true, 3)
+    assert counts.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    expected = np.array([[0.75, 0.0, np.nan], [np.nan, 0.2, 0.4], [np.nan, np.nan, 0.9]])
+    np.testing.assert_allclose(means, expected)  # NaN where a pair has no example
+    with pytest.raises(ValueError, match="7 weights but 6 training labels"):
+        weight_by_label_pair(weights, given[:6], true, 3)
+
+
+def test_weight_pairs_figure_needs_true_labels(synthetic_runs, tmp_path):
+    """Runs without known true labels (e.g. real noisy labels with no clean version) get a note
+    instead of the figure; runs without labels/ simply have none."""
+    np.save(synthetic_runs / "digits-sym80-fbr-seed0" / "labels" / "train_true_labels.npy", np.full(400, -1))
+    shutil.rmtree(synthetic_runs / "digits-sym80-fbr-seed1" / "labels")
+    report = render_report([synthetic_runs], tmp_path / "out", every_seed=True)
+    assert any("weight by label pair" in n and "fbr-seed0" in n and "unknown" in n for n in report.notes)
+    assert not any(p.name.startswith("weight-pairs") for p in report.figures)
+    assert not any("fbr-seed1" in n for n in report.notes)

@@ -19,8 +19,8 @@ def report(run_dirs, out, every_seed):
 
     RUN_DIRS are run directories or folders holding them (searched recursively); unfinished runs
     are skipped with a note. Draws accuracy per epoch for every run, weight trajectories,
-    histograms and AUROC for per-example-weight methods, and label-correction heatmaps for
-    mlc, mlc-d and ebomlc.
+    histograms, AUROC and the mean weight per (true class, training label) pair for
+    per-example-weight methods, and label-correction heatmaps for mlc, mlc-d and ebomlc.
     """
     from nrcore.report.figures import render_report
 

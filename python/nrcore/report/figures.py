@@ -12,6 +12,9 @@ Figures (matplotlib, Agg backend: no display needed):
                                               clean vs noisy (FBR paper, Fig. 1a)
     weight-hist_<run>.png                     final weights of all training examples, clean vs
                                               noisy (FBR paper, Fig. 1e)
+    weight-pairs_<run>.png                    mean final weight for each (true class, training
+                                              label) pair: which mislabelled examples a
+                                              method keeps (from labels/ and weights.npz)
     label-correction_<run>.png                true label vs noisy label and vs the meta model's
                                               corrected label, rows normalised (EBOMLC Fig. 6)
 
@@ -272,6 +275,69 @@ def plot_weight_histogram(run: Run, label: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def weight_by_label_pair(weights: np.ndarray, given: np.ndarray, true: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(mean weight [C, C], example count [C, C]) over training examples grouped by (true class,
+    training label); NaN where a pair has no example. Examples with an unknown true label (-1)
+    are left out. The diagonal holds the clean examples, the rest the mislabelled ones."""
+    weights, given, true = (np.asarray(a).reshape(-1) for a in (weights, given, true))
+    if not weights.shape == given.shape == true.shape:
+        raise ValueError(f"{weights.size} weights but {given.size} training labels and {true.size} true labels")
+    known = true >= 0
+    cells = true[known].astype(np.int64) * num_classes + given[known].astype(np.int64)
+    counts = np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    sums = np.bincount(cells, weights=weights[known].astype(float), minlength=num_classes * num_classes)
+    means = np.divide(sums.reshape(num_classes, num_classes), counts, out=np.full(counts.shape, np.nan), where=counts > 0)
+    return means, counts
+
+
+def _class_names(run: Run, classes: int) -> List[str]:
+    names = ((run.summary or {}).get("task") or {}).get("class_names")
+    return names if isinstance(names, list) and len(names) == classes else [str(c) for c in range(classes)]
+
+
+def _class_ticks(ax, names: Sequence[str]) -> None:
+    step = max(1, len(names) // 20)  # at most ~20 tick labels
+    ticks = np.arange(0, len(names), step)
+    ax.set_xticks(ticks, [names[t] for t in ticks], rotation=90 if max(map(len, names)) > 2 else 0)
+    ax.set_yticks(ticks, [names[t] for t in ticks])
+
+
+def plot_weight_by_label_pair(run: Run, label: str, path: Path) -> Path:
+    """Mean final weight of the training examples of each (true class, training label) pair: the
+    diagonal is the clean examples, an off-diagonal cell the examples of one true class given
+    one wrong label. Shows which mislabelled examples a method keeps (e.g. those whose wrong
+    label is a class the model's features do not yet tell apart from the true one)."""
+    plt = _pyplot()
+    if run.train_label_files is None:
+        raise ValueError("no labels/train_labels.npy and labels/train_true_labels.npy")
+    given, true = (np.load(f) for f in run.train_label_files)
+    with np.load(run.weights_file) as data:
+        weights = np.asarray(data["final_weights"], dtype=float)
+    if not (true >= 0).any():
+        raise ValueError("the true training labels are unknown (-1)")
+    classes = int(max(given.max(), true.max())) + 1
+    means, counts = weight_by_label_pair(weights, given, true, classes)
+    names = _class_names(run, classes)
+    clean = np.trace(np.nan_to_num(means) * counts) / max(np.trace(counts), 1)
+    off = counts.sum() - np.trace(counts)
+    noisy = (np.nansum(means * counts) - np.trace(np.nan_to_num(means) * counts)) / max(off, 1)
+    fig, ax = plt.subplots(figsize=(6.6, 5.6), layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # grey: pairs without examples
+    image = ax.imshow(np.ma.masked_invalid(means), cmap=cmap, vmin=0, vmax=max(1.0, float(np.nanmax(means))))
+    ax.set(xlabel="training label", ylabel="true class")
+    _class_ticks(ax, names)
+    if classes <= 12:
+        for i in range(classes):
+            for j in range(classes):
+                if counts[i, j]:
+                    ax.text(j, i, f"{means[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if means[i, j] > 0.6 else "white")
+    fig.colorbar(image, ax=ax, shrink=0.85).set_label("mean final weight (grey: no examples)")
+    ax.set_title(f"Mean final weight by true class and training label\n{_run_title(run, label)}\n"
+                 f"diagonal (clean examples) {clean:.2f}, off-diagonal (mislabelled) {noisy:.2f}")
+    return _save(fig, path)
+
+
 def plot_label_correction(run: Run, label: str, path: Path) -> Path:
     """Row-normalised confusion of the true label with the noisy label (what training saw) and
     with the meta model's corrected label (what MLC-style methods train on instead)."""
@@ -282,9 +348,7 @@ def plot_label_correction(run: Run, label: str, path: Path) -> Path:
     if not mats:
         raise ValueError(f"{run.label_correction_file} holds neither 'confusion' nor 'noisy_confusion'")
     classes = mats[0][0].shape[0]
-    names = ((run.summary or {}).get("task") or {}).get("class_names")
-    if not (isinstance(names, list) and len(names) == classes):
-        names = [str(c) for c in range(classes)]
+    names = _class_names(run, classes)
     fig, axes = plt.subplots(1, len(mats), figsize=(5.2 * len(mats) + 1, 5), squeeze=False)
     image = None
     for ax, (counts, name) in zip(axes[0], mats):
@@ -293,10 +357,7 @@ def plot_label_correction(run: Run, label: str, path: Path) -> Path:
         agree = 100 * np.trace(counts) / max(counts.sum(), 1)
         image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
         ax.set(title=f"true vs {name}\n(agree on {agree:.1f}% of examples)", xlabel=name, ylabel="true label")
-        step = max(1, classes // 20)  # at most ~20 tick labels
-        ticks = np.arange(0, classes, step)
-        ax.set_xticks(ticks, [names[t] for t in ticks], rotation=90 if max(map(len, names)) > 2 else 0)
-        ax.set_yticks(ticks, [names[t] for t in ticks])
+        _class_ticks(ax, names)
         if classes <= 12:
             for i in range(classes):
                 for j in range(classes):
@@ -379,6 +440,8 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
                 if run.weights_file is not None:
                     wanted += [(plot_weight_trajectories, "trajectories", "weight trajectories"),
                                (plot_weight_histogram, "weight-hist", "final weight histogram")]
+                    if run.train_label_files is not None:
+                        wanted.append((plot_weight_by_label_pair, "weight-pairs", "weight by label pair"))
                 if run.label_correction_file is not None:
                     wanted.append((plot_label_correction, "label-correction", "label correction heatmap"))
                 per_run = []

@@ -129,6 +129,13 @@ class Run:
         path = self.path / "label_correction.npz"
         return path if path.is_file() else None
 
+    @property
+    def train_label_files(self) -> Optional[Tuple[Path, Path]]:
+        """(labels the run trained on, original labels) of the training split, as saved under
+        labels/ (nrcore.data.task.save_task_labels), or None."""
+        given, true = self.path / "labels" / "train_labels.npy", self.path / "labels" / "train_true_labels.npy"
+        return (given, true) if given.is_file() and true.is_file() else None
+
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     if not path.is_file():
