@@ -3,7 +3,9 @@ tested on numbers we chose, so a failure points at the report code)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -123,3 +125,19 @@ def synthetic_runs(tmp_path):
                   test_acc_best_val=40, phased=True)
     write_run(root, "fbr", "sym80", 2, test_acc=[50], status=None)
     return root
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """`bench_script(name)`: bench/<name>.py imported as the module `bench_<name>` (bench/ is not
+    a package)."""
+    return load_bench_script
+
+
+def load_bench_script(name: str):
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in it look their module up
+    spec.loader.exec_module(module)
+    return module

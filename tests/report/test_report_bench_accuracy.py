@@ -3,23 +3,14 @@ directories made with other settings. Tiny real trainings on digits (1-2 epochs 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-
 
 @pytest.fixture(scope="module")
-def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def accuracy(bench_script):
+    return bench_script("accuracy")
 
 
 def tiny(out, *extra):

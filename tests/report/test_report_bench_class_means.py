@@ -3,24 +3,15 @@ a tiny real fbr run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "class_means.py"
-
 
 @pytest.fixture(scope="module")
-def cm():
-    spec = importlib.util.spec_from_file_location("bench_class_means", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def cm(bench_script):
+    return bench_script("class_means")
 
 
 def test_centred_class_means_and_positive_pairs(cm):

@@ -3,23 +3,14 @@ the report on a tiny real forward run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "transition_check.py"
-
 
 @pytest.fixture(scope="module")
-def check():
-    spec = importlib.util.spec_from_file_location("bench_transition_check", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def check(bench_script):
+    return bench_script("transition_check")
 
 
 def symmetric(num_classes: int, diag: float) -> torch.Tensor:
