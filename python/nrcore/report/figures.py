@@ -313,14 +313,15 @@ def plot_weight_by_label_pair(run: Run, label: str, path: Path) -> Path:
     given, true = (np.load(f) for f in run.train_label_files)
     with np.load(run.weights_file) as data:
         weights = np.asarray(data["final_weights"], dtype=float)
-    if not (true >= 0).any():
+    known = true >= 0
+    if not known.any():
         raise ValueError("the true training labels are unknown (-1)")
-    classes = int(max(given.max(), true.max())) + 1
+    names = ((run.summary or {}).get("task") or {}).get("class_names")
+    classes = max(int(max(given.max(), true.max())) + 1, len(names) if isinstance(names, list) else 0)
     means, counts = weight_by_label_pair(weights, given, true, classes)
     names = _class_names(run, classes)
-    clean = np.trace(np.nan_to_num(means) * counts) / max(np.trace(counts), 1)
-    off = counts.sum() - np.trace(counts)
-    noisy = (np.nansum(means * counts) - np.trace(np.nan_to_num(means) * counts)) / max(off, 1)
+    clean, noisy = (weights[known & mask] for mask in (given == true, given != true))
+    mean = lambda w: f"{w.mean():.2f}" if w.size else "n/a"  # noqa: E731
     fig, ax = plt.subplots(figsize=(6.6, 5.6), layout="constrained")
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")  # grey: pairs without examples
     image = ax.imshow(np.ma.masked_invalid(means), cmap=cmap, vmin=0, vmax=max(1.0, float(np.nanmax(means))))
@@ -334,7 +335,7 @@ def plot_weight_by_label_pair(run: Run, label: str, path: Path) -> Path:
                             color="black" if means[i, j] > 0.6 else "white")
     fig.colorbar(image, ax=ax, shrink=0.85).set_label("mean final weight (grey: no examples)")
     ax.set_title(f"Mean final weight by true class and training label\n{_run_title(run, label)}\n"
-                 f"diagonal (clean examples) {clean:.2f}, off-diagonal (mislabelled) {noisy:.2f}")
+                 f"diagonal (clean examples) {mean(clean)}, off-diagonal (mislabelled) {mean(noisy)}")
     return _save(fig, path)
 
 
