@@ -48,7 +48,7 @@ def positive_pairs(means: torch.Tensor, given: np.ndarray, true: np.ndarray) -> 
     return gram[true, given] > 0
 
 
-def run_report(run_dir: Path, threads: int = 1) -> Dict[str, float]:
+def run_report(run_dir: Path) -> Dict[str, float]:
     from nrcore.methods._reweighting import split_features
     from nrcore.models import build_model
     from nrcore.train import TrainConfig, build_run_task
@@ -79,7 +79,7 @@ def run_report(run_dir: Path, threads: int = 1) -> Dict[str, float]:
     given, true, weights = given[known], true[known], weights[known]
     noisy = given != true
     pos = noisy & positive_pairs(means, given, true)
-    kept = ~pos
+    rest = ~pos  # clean examples and mislabelled ones with a non-positive pair
     return {
         "top1": float(energy[:1].sum()), "top3": float(energy[:3].sum()),
         "pos_pairs": float(pos.sum() / max(noisy.sum(), 1)),
@@ -87,7 +87,7 @@ def run_report(run_dir: Path, threads: int = 1) -> Dict[str, float]:
         "w_neg": float(weights[noisy & ~pos].mean()) if (noisy & ~pos).any() else float("nan"),
         "w_clean": float(weights[~noisy].mean()) if (~noisy).any() else float("nan"),
         "auroc": auroc(torch.from_numpy(weights), torch.from_numpy(~noisy)),
-        "auroc_without_pos": auroc(torch.from_numpy(weights[kept]), torch.from_numpy(~noisy[kept])),
+        "auroc_without_pos": auroc(torch.from_numpy(weights[rest]), torch.from_numpy(~noisy[rest])),
     }
 
 
@@ -106,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing:
             print(f"- skipped {run}: no {', '.join(missing)} (not a finished run with per-example weights)", file=sys.stderr)
             continue
-        r = run_report(run, args.threads)
+        r = run_report(run)
         print(f"| {run} | {fmt(r['top1'])} | {fmt(r['top3'])} | {fmt(r['pos_pairs'])} | {fmt(r['w_pos'])} | {fmt(r['w_neg'])} "
               f"| {fmt(r['w_clean'])} | {r['auroc']:.3f} | {r['auroc_without_pos']:.3f} |")
     return 0
