@@ -3,7 +3,6 @@ a tiny real fbr run."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
