@@ -50,19 +50,10 @@ def positive_pairs(means: torch.Tensor, given: np.ndarray, true: np.ndarray) -> 
 
 def run_report(run_dir: Path) -> Dict[str, float]:
     from nrcore.methods._reweighting import split_features
-    from nrcore.models import build_model
-    from nrcore.train import TrainConfig, build_run_task
-    from nrcore.train.checkpoint import load_checkpoint
-    from nrcore.train.config import with_new_option_defaults
     from nrcore.train.metrics import auroc
+    from nrcore.train.trainer import load_final_model
 
-    state = load_checkpoint(run_dir)
-    if "model" not in state["method"]:
-        raise ValueError(f"{run_dir}: the checkpoint of method {state['config'].get('method')!r} holds no single 'model'")
-    cfg = TrainConfig(**with_new_option_defaults(state["config"]))
-    task = build_run_task(cfg)
-    model = build_model(cfg.model, task.input_shape, task.num_classes)
-    model.load_state_dict(state["method"]["model"])
+    cfg, task, model = load_final_model(run_dir)
     model.train()
     feats, labels = split_features(model, task, "clean", cfg.batch_size, torch.device("cpu"))
     means = centred_class_means(feats.double(), labels, task.num_classes)

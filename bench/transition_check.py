@@ -59,15 +59,9 @@ def transition_report(run_dir: Path) -> Dict:
 def model_report(run_dir: Path) -> Dict:
     """Test accuracy, never-predicted classes and per-class recall of the run's final network."""
     from nrcore.methods._baselines import predict_split
-    from nrcore.models import build_model
-    from nrcore.train import TrainConfig, build_run_task
-    from nrcore.train.checkpoint import load_checkpoint
+    from nrcore.train.trainer import load_final_model
 
-    state = load_checkpoint(run_dir)
-    cfg = TrainConfig(**state["config"])
-    task = build_run_task(cfg)
-    model = build_model(cfg.model, task.input_shape, task.num_classes)
-    model.load_state_dict(state["method"]["model"])
+    _, task, model = load_final_model(run_dir)
     probs, labels = predict_split(model, task, "test", 1000, torch.device("cpu"))
     pred = probs.argmax(1)
     recall = [float((pred[labels == k] == k).float().mean()) if (labels == k).any() else float("nan") for k in range(task.num_classes)]

@@ -65,6 +65,22 @@ def build_run_task(cfg: TrainConfig):
     )
 
 
+def load_final_model(run_dir: str | Path):
+    """(config, task, network) of a saved run, for analysing it: the checkpoint's config, the
+    task rebuilt from it (`build_run_task`) and the one network its method keeps as "model"
+    (fbr, meta, forward, glc, ...), on the CPU."""
+    from nrcore.models import build_model
+
+    state = load_checkpoint(Path(run_dir))
+    if "model" not in state["method"]:
+        raise ValueError(f"{run_dir}: the checkpoint of method {state['config'].get('method')!r} holds no single 'model'")
+    cfg = TrainConfig(**state["config"])
+    task = build_run_task(cfg)
+    model = build_model(cfg.model, task.input_shape, task.num_classes)
+    model.load_state_dict(state["method"]["model"])
+    return cfg, task, model
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
