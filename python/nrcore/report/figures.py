@@ -290,9 +290,15 @@ def weight_by_label_pair(weights: np.ndarray, given: np.ndarray, true: np.ndarra
     return means, counts
 
 
-def _class_names(run: Run, classes: int) -> List[str]:
+def _listed_class_names(run: Run) -> List[str]:
+    """The task's class names as the run's summary.json lists them ([] when it does not)."""
     names = ((run.summary or {}).get("task") or {}).get("class_names")
-    return names if isinstance(names, list) and len(names) == classes else [str(c) for c in range(classes)]
+    return names if isinstance(names, list) else []
+
+
+def _class_names(run: Run, classes: int) -> List[str]:
+    names = _listed_class_names(run)
+    return names if len(names) == classes else [str(c) for c in range(classes)]
 
 
 def _class_ticks(ax, names: Sequence[str]) -> None:
@@ -316,8 +322,7 @@ def plot_weight_by_label_pair(run: Run, label: str, path: Path) -> Path:
     known = true >= 0
     if not known.any():
         raise ValueError("the true training labels are unknown (-1)")
-    names = ((run.summary or {}).get("task") or {}).get("class_names")
-    classes = max(int(max(given.max(), true.max())) + 1, len(names) if isinstance(names, list) else 0)
+    classes = max(int(max(given.max(), true.max())) + 1, len(_listed_class_names(run)))
     means, counts = weight_by_label_pair(weights, given, true, classes)
     names = _class_names(run, classes)
     clean, noisy = (weights[known & mask] for mask in (given == true, given != true))
