@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print("| run | top1 | top3 | pos pairs | w pos | w neg | w clean | AUROC | AUROC without pos |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v, digits=2: "n/a" if v is None or v != v else f"{v:.{digits}f}"  # noqa: E731
     for run in args.runs:
         missing = [f for f in ("checkpoint.pt", "weights.npz", "labels/train_true_labels.npy") if not (run / f).is_file()]
         if missing:
@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         r = run_report(run)
         print(f"| {run} | {fmt(r['top1'])} | {fmt(r['top3'])} | {fmt(r['pos_pairs'])} | {fmt(r['w_pos'])} | {fmt(r['w_neg'])} "
-              f"| {fmt(r['w_clean'])} | {r['auroc']:.3f} | {r['auroc_without_pos']:.3f} |")
+              f"| {fmt(r['w_clean'])} | {fmt(r['auroc'], 3)} | {fmt(r['auroc_without_pos'], 3)} |")
     return 0
 
 
