@@ -65,7 +65,7 @@ ABLATIONS: Dict[str, Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]] = {
 }
 
 # config keys that may differ between the request and a finished run without making it stale
-HARMLESS = {"device", "threads", "data_dir", "download"}
+HARMLESS = {"device", "threads", "channels_last", "data_dir", "download"}  # same experiment, other speed
 
 
 # ---- what to run ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def build_grid(args) -> Tuple[List[GridRun], List[str]]:
     for seed in seeds:
         for variant, noise in cells:
             given = {"method": variant.method, "dataset": args.dataset, "noise": noise, "seed": seed, "data_dir": args.data_dir}
-            for key in ("epochs", "threads", "device", "model"):
+            for key in ("epochs", "threads", "device", "model", "channels_last"):
                 if getattr(args, key) is not None:
                     given[key] = getattr(args, key)
             cfg = resolve_config(cli=given, cli_method_options=dict(variant.options))
@@ -258,6 +258,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model", help="override the dataset's model")
     p.add_argument("--threads", type=int, help="torch CPU threads per run (default: torch's choice)")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="models in channels-last layout (default: as nrcore train, on for CPU runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in subprocesses (distorts time ratios; default 1)")
     p.add_argument("--out", help="grid folder (default runs/bench-accuracy[-e<epochs>])")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")

@@ -91,7 +91,7 @@ class Bench:
 
         from nrcore.methods import MethodContext, OptimConfig, get_method
         from nrcore.methods.base import derive_seed
-        from nrcore.models import build_model
+        from nrcore.models import build_model, resolve_channels_last
 
         cfg = config_for(self.args, name)
         cls = get_method(cfg.method)
@@ -104,6 +104,7 @@ class Bench:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
+            channels_last=resolve_channels_last(cfg.channels_last, self.device),
         )
         method = cls(ctx, **cfg.method_options)
         return method, cfg.epochs
@@ -128,7 +129,7 @@ def config_for(args, name: str):
 
     variant = parse_variant(name, registry())
     given = {"method": variant.method, "dataset": args.dataset, "data_dir": args.data_dir, "noise": args.noise, "device": args.device}
-    for key in ("model", "batch_size", "threads"):
+    for key in ("model", "batch_size", "threads", "channels_last"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
     return resolve_config(cli=given, cli_method_options=dict(variant.options))
@@ -210,10 +211,12 @@ def warm_up_runtime(bench: Bench) -> None:
     torch._dynamo)."""
     import torch
 
-    from nrcore.models import build_model
+    from nrcore.models import build_model, resolve_channels_last
 
     cfg = config_for(bench.args, BASELINE)
     model = build_model(cfg.model, bench.task.input_shape, bench.task.num_classes).to(bench.device)
+    if resolve_channels_last(cfg.channels_last, bench.device):
+        model = model.to(memory_format=torch.channels_last)  # as the timed methods' models
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     batch = bench.batches[0]
     torch.nn.functional.cross_entropy(model(batch.x[:2]), batch.y[:2]).backward()
@@ -266,6 +269,8 @@ def _forward_args(args) -> List[str]:
         value = getattr(args, key)
         if value is not None:
             out += ["--" + key.replace("_", "-"), str(value)]
+    if args.channels_last is not None:
+        out.append("--channels-last" if args.channels_last else "--no-channels-last")
     return out
 
 
@@ -335,6 +340,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model (default: the dataset's, cnn for mnist10k/digits)")
     p.add_argument("--batch-size", type=int, help="noisy batch size, also the trusted batch size (default: the dataset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="models in channels-last layout (default: as nrcore train, on for CPU runs)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method, interleaved (default 5)")

@@ -102,8 +102,10 @@ def test_train_help_lists_every_method_option(capsys):
 def test_cli_train_end_to_end_quiet(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, err = _run(
-        ["train", "--method", "ce", "--noise", "sym50", "--epochs", "1", "--threads", "1", "--out", str(run_dir), "--quiet"], capsys
+        ["train", "--method", "ce", "--noise", "sym50", "--epochs", "1", "--threads", "1", "--no-channels-last", "--out", str(run_dir), "--quiet"], capsys
     )
     assert code == 0 and err == ""
     assert out.startswith("finished: ce on digits/sym50") and str(run_dir) in out
     assert (run_dir / "summary.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["channels_last"] is False
+    assert json.loads((run_dir / "summary.json").read_text())["channels_last"] is False

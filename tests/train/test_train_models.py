@@ -42,3 +42,12 @@ def test_unknown_model_and_bad_classes():
     with pytest.raises(ValueError, match="num_classes"):
         build_model("cnn", (1, 28, 28), 1)
     assert set(SHAPES) | {"resnet50"} == set(MODELS)
+
+
+def test_channels_last_is_on_for_cpu_runs_unless_set():
+    from nrcore.models import resolve_channels_last
+
+    assert resolve_channels_last(None, torch.device("cpu")) is True
+    assert resolve_channels_last(None, torch.device("cuda")) is False  # not measured there: default layout
+    assert resolve_channels_last(False, torch.device("cpu")) is False
+    assert resolve_channels_last(True, "cuda:1") is True

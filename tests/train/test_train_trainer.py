@@ -39,6 +39,7 @@ def test_resume_after_stop_matches_uninterrupted_run(tmp_path):
             assert ra[key] == rb[key], (key, ra["epoch"])
     assert full["test_acc_last"] == resumed["test_acc_last"]
     assert full["test_acc_best_val"] == resumed["test_acc_best_val"]
+    assert full["channels_last"] is resumed["channels_last"] is True  # CPU default; the checkpoint loads into it
 
 
 def test_summary_selects_on_validation_not_test(tmp_path):

@@ -99,10 +99,12 @@ class MethodContext:
         epochs: int,
         batch_size: int,
         seed: int,
+        channels_last: bool = False,
     ):
         self.task = task
         self.device = torch.device(device)
         self._model_factory = model_factory
+        self.channels_last = channels_last
         self.optim = optim
         self.epochs = epochs
         self.batch_size = batch_size
@@ -118,8 +120,10 @@ class MethodContext:
 
     def build_model(self) -> nn.Module:
         """A fresh main model on the device (initialised from the global RNG, which the trainer
-        seeds before constructing the method)."""
-        return self._model_factory().to(self.device)
+        seeds before constructing the method), its 4-d weights in channels-last layout when the
+        run asks for it (same values and results; see nrcore.models.resolve_channels_last)."""
+        model = self._model_factory().to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter], **overrides) -> torch.optim.SGD:
         """SGD with the run's lr/momentum/weight decay (overrides win)."""

@@ -6,18 +6,21 @@
     model.feature_dim                                 # width of feats
 
 `build_model(name, input_shape, num_classes)` makes one by name; `MODELS` lists the names.
+`resolve_channels_last(setting, device)` says whether a run keeps its weights (and so its
+activations) in channels-last layout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from nrcore.models.resnet import PreActResNet18, ResNet32, ResNet34
 from nrcore.models.small import CNN, MLP
 
-__all__ = ["MODELS", "build_model", "describe_models", "CNN", "MLP", "ResNet32", "ResNet34", "PreActResNet18"]
+__all__ = ["MODELS", "build_model", "describe_models", "resolve_channels_last", "CNN", "MLP", "ResNet32", "ResNet34", "PreActResNet18"]
 
 
 def _resnet50(input_shape, num_classes):
@@ -49,3 +52,16 @@ def build_model(name: str, input_shape: Tuple[int, int, int], num_classes: int) 
 
 def describe_models() -> Dict[str, str]:
     return {name: desc for name, (_, desc) in _BUILDERS.items()}
+
+
+def resolve_channels_last(setting: Optional[bool], device: torch.device) -> bool:
+    """`--channels-last` resolved: None (auto) means on for CPU runs, off on CUDA.
+
+    Why on the CPU: with 4-d weights in channels-last layout, oneDNN runs the convolutions,
+    BatchNorm and above all max-pooling in NHWC, where torch's NCHW max-pooling is several times
+    slower: a `ce` step of the `cnn` on mnist10k takes 0.7x the time, a ResNet-32 step about
+    0.7x, and every method but `meta --hypergrad autograd` (about the same) is faster
+    (bench/README.md, "Memory layout"). The values are the same up to float rounding. CUDA keeps
+    the default layout because it has not been measured there. Models without 4-d weights (the
+    MLP) are unaffected either way."""
+    return torch.device(device).type == "cpu" if setting is None else bool(setting)

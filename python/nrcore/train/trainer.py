@@ -37,7 +37,7 @@ from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
 
 # Config keys that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"epochs", "device", "threads", "data_dir", "download", "verify_checksums"}
+RESUMABLE_CHANGES = {"epochs", "device", "threads", "channels_last", "data_dir", "download", "verify_checksums"}
 NONFINITE_CHECK_EVERY = 50  # steps between host reads of the running loss (one sync each)
 
 
@@ -115,7 +115,7 @@ class Trainer:
         self._prepare_run_dir()
 
         from nrcore.data import save_task_labels
-        from nrcore.models import build_model
+        from nrcore.models import build_model, resolve_channels_last
 
         cls = get_method(cfg.method)
         task = build_run_task(cfg)
@@ -134,6 +134,7 @@ class Trainer:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
+            channels_last=resolve_channels_last(cfg.channels_last, self.device),
         )
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
@@ -387,6 +388,7 @@ class Trainer:
             "eval_seconds": sum(r["eval_seconds"] for r in h),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "channels_last": self.ctx.channels_last,  # the layout used (config: null = auto)
             "ops_backend": _ops_backend(),
             "versions": {"nrcore": nrcore.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "task": task.info,
