@@ -434,3 +434,15 @@ def test_fbr_ntk_direction_is_fbr_on_explicit_tangent_features(task, center):
     assert stats.sq_norm_mean == pytest.approx(method.stats.sq_norm_mean, rel=1e-4)
     method.train_step(batch, None)
     torch.testing.assert_close((method.weights - before)[batch.index], 1e-3 * d, rtol=1e-3, atol=1e-7)
+
+
+def test_check_number_names_the_flag_and_rejects_nan_inf_bools():
+    from nrcore.methods.base import check_number
+
+    check_number("beta", 0.0, minimum=0)
+    check_number("vnet_hidden", 3, minimum=1)
+    for value, fragment in ((float("nan"), "finite"), (float("inf"), "finite"), (True, "finite"), ("1", "finite"), (-0.5, ">= 0")):
+        with pytest.raises(ValueError, match=f"--step-size must be.*{fragment}"):
+            check_number("step_size", value, minimum=0)
+    with pytest.raises(ValueError, match="--vnet-lr must be > 0, got 0"):
+        check_number("vnet_lr", 0, minimum=0, exclusive=True)

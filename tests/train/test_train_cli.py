@@ -30,6 +30,16 @@ def _run(argv, capsys):
         (["train", "--preset", "no-such-preset"], "unknown --preset"),
         (["train", "--config", "{tmp}/missing.json"], "--config"),
         (["train", "--resume", "{tmp}/nothing-here"], "--resume"),
+        (["train", "--lr", "nan"], "--lr must be > 0"),
+        (["train", "--gamma", "0"], "--gamma must be > 0"),
+        (["train", "--method", "ebomlc", "--delta", "nan"], "--delta must be a finite number"),  # any method's float option
+        (["train", "--method", "meta", "--beta", "inf"], "--beta must be a finite number"),
+        (["train", "--method", "meta", "--beta", "-1"], "--beta must be >= 0"),
+        (["train", "--method", "fbr", "--lambda-pos", "-1"], "--lambda-pos must be >= 0"),
+        (["train", "--method", "fbr-ntk", "--lambda-neg", "-0.1"], "--lambda-neg must be >= 0"),
+        (["train", "--method", "fbr", "--step-size", "-1"], "--step-size must be >= 0"),
+        (["train", "--method", "mwnet", "--vnet-hidden", "0"], "--vnet-hidden must be >= 1"),
+        (["train", "--method", "mwnet", "--vnet-lr", "0"], "--vnet-lr must be > 0"),
     ],
 )
 def test_bad_options_print_one_line_and_exit_nonzero(argv, fragment, capsys, tmp_path):

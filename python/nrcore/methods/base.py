@@ -35,6 +35,7 @@ Writing a method::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
@@ -61,6 +62,17 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def check_number(name: str, value: Any, *, minimum: Optional[float] = None, exclusive: bool = False) -> None:
+    """Raise a ValueError naming the option's flag unless `value` is a finite number at least
+    `minimum` (above it with `exclusive`). For a method's own range checks in its constructor;
+    NaN fails every comparison, so it never slips through."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{flag} must be {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 
 from nrcore import ops
 from nrcore.methods._reweighting import ReweightingMethod, per_example_ce, split_features, weighted_update
-from nrcore.methods.base import Option, StepOutput, register
+from nrcore.methods.base import Option, StepOutput, check_number, register
 
 # FBR paper, App. D.1 (the FINE setup): ResNet-34, batch 128, SGD lr 0.02, momentum 0.9, weight
 # decay 5e-4, x0.1 at epochs 40/80/100 of 120; 2,000 clean examples for every dataset.
@@ -64,6 +64,11 @@ class FeatureReweightingBase(ReweightingMethod):
     options = FBR_OPTIONS
 
     def __init__(self, ctx, step_size, lambda_pos, lambda_neg, lambda_schedule, lambda_neg_end, center, row_shift, label_sign, normalize):
+        # negative values would turn the method around (up-weight what disagrees with the clean set)
+        for name, value in (("step_size", step_size), ("lambda_pos", lambda_pos), ("lambda_neg_end", lambda_neg_end)):
+            check_number(name, value, minimum=0)
+        if lambda_neg is not None:
+            check_number("lambda_neg", lambda_neg, minimum=0)
         super().__init__(ctx)
         self.step_size = step_size
         self.lambda_pos = lambda_pos

@@ -23,7 +23,7 @@ without BatchNorm, jvp for models with it).
 from __future__ import annotations
 
 from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
-from nrcore.methods.base import Option, StepOutput, register
+from nrcore.methods.base import Option, StepOutput, check_number, register
 
 
 @register
@@ -37,6 +37,7 @@ class MetaReweighting(ReweightingMethod):
     )
 
     def __init__(self, ctx, beta, hypergrad):
+        check_number("beta", beta, minimum=0)  # β < 0 would move weights against the clean loss
         super().__init__(ctx)
         self.beta = beta
         self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
-from nrcore.methods.base import Option, StepOutput, register
+from nrcore.methods.base import Option, StepOutput, check_number, register
 
 
 class WeightNet(nn.Module):
@@ -59,6 +59,9 @@ class MetaWeightNet(ReweightingMethod):
     )
 
     def __init__(self, ctx, hypergrad, vnet_hidden, vnet_lr, vnet_weight_decay, normalize_weights):
+        check_number("vnet_hidden", vnet_hidden, minimum=1)
+        check_number("vnet_lr", vnet_lr, minimum=0, exclusive=True)
+        check_number("vnet_weight_decay", vnet_weight_decay, minimum=0)
         super().__init__(ctx)
         self.normalize_weights = normalize_weights
         self.vnet = self.track("vnet", WeightNet(vnet_hidden).to(ctx.device))

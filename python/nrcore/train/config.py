@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -188,10 +189,10 @@ def validate(cfg: TrainConfig) -> None:
     def positive(name, value, allow_zero=False):
         if value is None:
             return
-        if value < 0 or (value == 0 and not allow_zero):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
-    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "clean_batch_size"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "clean_batch_size", "gamma"):
         positive(name, getattr(cfg, name))
     for name in ("momentum", "weight_decay", "val_size", "track_examples", "track_per_epoch"):
         positive(name, getattr(cfg, name), allow_zero=True)
@@ -203,6 +204,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--clean-frac must be in (0, 1), got {cfg.clean_frac}")
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
         raise ValueError(f"--milestones must be increasing positive epochs, got {cfg.milestones}")
+    from nrcore.methods import get_method
+
+    for opt in get_method(cfg.method).options:  # ranges are the methods' own; NaN/inf is never meant
+        value = cfg.method_options.get(opt.name)
+        if opt.type is float and value is not None and not math.isfinite(value):
+            raise ValueError(f"{opt.flag} must be a finite number, got {value}")
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:
