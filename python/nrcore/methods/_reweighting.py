@@ -13,7 +13,7 @@ method itself (`_` modules are not registered). See docs/methods-reweighting.md.
 
     tangent   one backward of the noisy batch recording each layer's inputs and output gradients
               (nrcore.ops recorder), per-example gradients contracted with the clean gradient
-              (formed once when they fit in memory, else nrcore.ops.tangent_dot);
+              through nrcore.ops.tangent_dot without forming them;
     jvp       the directional derivatives of the per-example losses along the clean gradient, one
               forward-mode pass;
     autograd  differentiate through the pseudo update (double backprop; the reference, as in the
@@ -186,18 +186,21 @@ class ExampleGradients:
     `nrcore.ops.PerSampleGradRecorder`), contracted as often as a step needs:
     `dots(directions) -> [B, k]` (`<G_i, D_k>`) and `weighted_sum(w) -> Σ_i w_i G_i`.
 
-    When the explicit per-example gradients fit in PER_EXAMPLE_BUDGET_BYTES they are formed once
-    and every contraction is one matrix product (a meta step contracts them twice: pseudo update
-    and hypergradient; FBR-NTK's clean statistics C + 1 times); otherwise each contraction goes
-    through the recorder (`nrcore.ops.tangent_dot`, per-layer weight gradients) without forming
-    them."""
+    By default each contraction goes through the recorder (`nrcore.ops.tangent_dot`, per-layer
+    weight gradients) without forming the per-example gradients. With `explicit=True` (and when
+    they fit in PER_EXAMPLE_BUDGET_BYTES) they are formed once and every contraction is one matrix
+    product: worth it only for many contractions of one recording (FBR-NTK's clean statistics: C
+    weighted sums and the norms, 190 against 290 ms per epoch on mnist10k). For the one or two of
+    a training step (fbr-ntk's scores; meta's pseudo update and hypergradient) the compiled
+    contractions are faster: fbr-ntk 97 against 141-152 ms per step, meta with `tangent` 236-266
+    against 274-294 ms (mnist10k, `cnn`, one thread)."""
 
-    def __init__(self, recorder, batch: int):
+    def __init__(self, recorder, batch: int, *, explicit: bool = False):
         self.recorder = recorder
         numel = sum(p.numel() for p in recorder.parameters.values())
         element = next(iter(recorder.parameters.values())).element_size()
         self.explicit = None
-        if batch * numel * element <= PER_EXAMPLE_BUDGET_BYTES:
+        if explicit and batch * numel * element <= PER_EXAMPLE_BUDGET_BYTES:
             self.explicit = {n: g.reshape(batch, -1) for n, g in recorder.per_sample_grads().items()}
 
     def dots(self, directions: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -228,13 +231,14 @@ class ExampleGradients:
         return sum(g.pow(2).sum(1) for g in self.explicit.values())
 
 
-def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=None, retain_graph: bool = False) -> tuple:
+def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=None, retain_graph: bool = False,
+                             explicit: bool = False) -> tuple:
     """Run `out = forward(x)` (default: the recorder's model) and one backward of
     `values_fn(out).sum()` under `recorder`, where `values_fn` gives one value per example (its
     loss, or `r·f(x)` for tangent features), so `G_i = ∇θ values_i`; returns (out, values,
-    ExampleGradients). `retain_graph` keeps the graph for a later backward of `out`. The backward
-    asks for the gradient at each recorded layer's input (at its weights only where the input is
-    data), so no other weight gradient is computed."""
+    ExampleGradients(explicit=explicit)). `retain_graph` keeps the graph for a later backward of
+    `out`. The backward asks for the gradient at each recorded layer's input (at its weights only
+    where the input is data), so no other weight gradient is computed."""
     targets = []
     recorded = {id(p) for p in recorder.parameters.values()}
 
@@ -254,7 +258,7 @@ def record_example_gradients(recorder, x: torch.Tensor, values_fn, *, forward=No
     finally:
         for h in hooks:
             h.remove()
-    return out, values, ExampleGradients(recorder, x.shape[0])
+    return out, values, ExampleGradients(recorder, x.shape[0], explicit=explicit)
 
 
 def loss_derivatives_along(model: nn.Module, x: torch.Tensor, y: torch.Tensor, direction: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -292,6 +296,8 @@ class MetaGradient:
     gradients of one backward of the noisy batch; the real step back-propagates that forward
     again (exactly, with the new weights)."""
 
+    explicit_example_grads = False  # form them for the two contractions? slower (ExampleGradients)
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "auto"):
         if mode not in HYPERGRAD_MODES:
             raise ValueError(f"hypergradient mode must be one of {HYPERGRAD_MODES}, got {mode!r}")
@@ -305,7 +311,8 @@ class MetaGradient:
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
         if self.recorder is None:
             return NoisyForward(x, y, per_example_ce(self.model(x), y))
-        _, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True)
+        _, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True,
+                                                    explicit=self.explicit_example_grads)
         return NoisyForward(x, y, losses, grads)
 
     def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):

@@ -103,8 +103,9 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         named = trainable_params(self.model)
         sums, sq_norms, counts = None, torch.zeros((), dtype=torch.float64, device=device), torch.zeros(C, dtype=torch.int64, device=device)
         for batch in split_batches(self.ctx.task, "clean", self.ctx.batch_size, device):
-            _, _, grads = record_example_gradients(
-                self.recorder, batch.x, lambda out: out @ self.signs, forward=lambda x: functional_forward(self.model, named, x)
+            _, _, grads = record_example_gradients(  # C + 1 contractions: form the gradients once
+                self.recorder, batch.x, lambda out: out @ self.signs, forward=lambda x: functional_forward(self.model, named, x),
+                explicit=True,
             )
             part = grads.weighted_sum(F.one_hot(batch.y, C).T.to(torch.float32))
             sums = part if sums is None else {n: sums[n] + part[n] for n in sums}
