@@ -21,6 +21,8 @@ SHAPES = [  # B, T, p, q, k, M, S
     (3, 20, 30, 7, 2, 2, 11),  # T != S
     (40, 16, 36, 16, 11, 30, 16),  # conv-like, k = C + 1
     (300, 1, 70, 10, 1, 260, 1),  # several ghost blocks / threads
+    (5, 4, 96, 64, 3, 4, 2),  # q p = 6144: CUDA splits the long K of the explicit contractions
+    (1, 3, 1100, 3, 2, 2, 2),  # one example, p = 1100: CUDA splits K of the ghost products too
 ]
 
 
