@@ -192,8 +192,8 @@ class ExampleGradients:
     product: worth it only for many contractions of one recording (FBR-NTK's clean statistics: C
     weighted sums and the norms, 190 against 290 ms per epoch on mnist10k). For the one or two of
     a training step (fbr-ntk's scores; meta's pseudo update and hypergradient) the compiled
-    contractions are faster: fbr-ntk 97 against 141-152 ms per step, meta with `tangent` 236-266
-    against 274-294 ms (mnist10k, `cnn`, one thread)."""
+    contractions are faster: fbr-ntk 86 against 115-134 ms per step, meta with `tangent` 239
+    against 256 ms (bench/methods.py on mnist10k, `cnn`, one thread; bench/README.md)."""
 
     def __init__(self, recorder, batch: int, *, explicit: bool = False):
         self.recorder = recorder

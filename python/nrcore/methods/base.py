@@ -133,7 +133,7 @@ class MethodContext:
     def build_model(self) -> nn.Module:
         """A fresh main model on the device (initialised from the global RNG, which the trainer
         seeds before constructing the method), its 4-d weights in channels-last layout when the
-        run asks for it (same values and results; see nrcore.models.resolve_channels_last)."""
+        run asks for it (same values up to float rounding; nrcore.models.resolve_channels_last)."""
         model = self._model_factory().to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
