@@ -259,7 +259,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--threads", type=int, help="torch CPU threads per run (default: torch's choice)")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="models in channels-last layout (default: as nrcore train, on for CPU runs)")
+                   help="models in channels-last layout (default: as nrcore train: on for CPU runs of methods that gain from it)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in subprocesses (distorts time ratios; default 1)")
     p.add_argument("--out", help="grid folder (default runs/bench-accuracy[-e<epochs>])")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")

@@ -104,7 +104,7 @@ class Bench:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            channels_last=resolve_channels_last(cfg.channels_last, self.device),
+            channels_last=resolve_channels_last(cfg.channels_last, self.device, cls.suits_channels_last(cfg.method_options)),
         )
         method = cls(ctx, **cfg.method_options)
         return method, cfg.epochs
@@ -341,7 +341,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="noisy batch size, also the trusted batch size (default: the dataset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="models in channels-last layout (default: as nrcore train, on for CPU runs)")
+                   help="models in channels-last layout (default: as nrcore train: on for CPU runs of methods that gain from it)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method, interleaved (default 5)")

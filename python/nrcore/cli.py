@@ -137,7 +137,7 @@ def _train_command():
     @click.option("--seed", type=int, default=None, help="Seed for noise, splits, initialisation and data order (default 0).")
     @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
-    @click.option("--channels-last/--no-channels-last", default=None, help="Keep conv weights and activations in channels-last (NHWC) layout: the same computation up to float rounding, faster on the CPU. Default: on for CPU runs, off on CUDA.")
+    @click.option("--channels-last/--no-channels-last", default=None, help="Keep conv weights and activations in channels-last (NHWC) layout: the same computation up to float rounding, faster on the CPU. Default: on for CPU runs except double-backprop steps (mlc, --hypergrad autograd), off on CUDA.")
     @click.option("--track-examples", type=int, default=None, help="Weight trajectories stored for per-example-weight methods (default 500).")
     @click.option("--track-per-epoch", type=int, default=None, help="Points per epoch of those trajectories (default 4; early phases happen within epoch 1).")
     @click.option("--download/--no-download", default=None, help="Fetch missing datasets through torchvision when it is installed.")

@@ -24,6 +24,7 @@ def test_tiny_run_writes_label_correction_confusion(run_tiny, method):
     for key in STATS[method]:
         assert np.isfinite(record[key]), key
     assert record["skipped"] == 0
+    assert summary["channels_last"] is (method != "mlc")  # mlc's double backprop keeps the default layout
 
     with np.load(run_dir / "label_correction.npz") as f:
         assert sorted(f.files) == ["confusion", "noisy_confusion"]

@@ -52,3 +52,16 @@ def test_channels_last_changes_no_result(digits_task, method_name, options):
     torch.testing.assert_close(loss_cl, loss_default, rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(model_default.state_dict().items(), model_cl.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_only_double_backprop_steps_keep_the_default_layout_by_default():
+    from nrcore.models import resolve_channels_last
+
+    reg = registry()
+    defaults = {name: {o.name: o.default for o in cls.options} for name, cls in reg.items()}
+    assert [n for n, cls in reg.items() if not cls.suits_channels_last(defaults[n])] == ["mlc"]
+    for name in ("meta", "l2rw", "mwnet"):
+        assert not reg[name].suits_channels_last({**defaults[name], "hypergrad": "autograd"})
+        assert reg[name].suits_channels_last({**defaults[name], "hypergrad": "tangent"})
+    assert resolve_channels_last(None, "cpu", method_suits=False) is False
+    assert resolve_channels_last(True, "cpu", method_suits=False) is True  # an explicit flag wins

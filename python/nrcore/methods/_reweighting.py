@@ -107,6 +107,12 @@ class ReweightingMethod(Method):
     needs_clean = True
     initial_weight: ClassVar[float] = 0.5
 
+    @classmethod
+    def suits_channels_last(cls, options):
+        # `--hypergrad autograd` is double backprop through BatchNorm: meta 505-568 ms against 469
+        # in the default layout, mwnet and l2rw about even (bench/README.md)
+        return options.get("hypergrad") != "autograd"
+
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.model = self.track("model", ctx.build_model())

@@ -246,6 +246,14 @@ class Method:
         """How many trainer epochs a run of `epochs` takes (phased methods may need more)."""
         return epochs
 
+    @classmethod
+    def suits_channels_last(cls, options: Dict[str, Any]) -> bool:
+        """Whether CPU runs with these options default to channels-last layout (an unset
+        `--channels-last`; nrcore.models.resolve_channels_last). True unless the step is mostly
+        second-order autograd through BatchNorm, whose decomposed reductions run slower in that
+        layout (bench/README.md, "Memory layout")."""
+        return True
+
 
 # ---- registry ------------------------------------------------------------------------------
 _REGISTRY: Dict[str, type] = {}

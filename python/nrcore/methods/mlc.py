@@ -64,6 +64,12 @@ class MetaLabelCorrection(LabelCorrectionMethod):
     ) + meta_options(False)
     presets = paper_presets("mlc")
 
+    @classmethod
+    def suits_channels_last(cls, options):
+        # its step is double backprop through BatchNorm: 440-470 ms against 366-392 in the default
+        # layout (mnist10k, cnn, one thread; bench/README.md)
+        return False
+
     def __init__(self, ctx, inner_steps: int, mix_clean: bool, **meta):
         check_inner_steps(inner_steps)
         super().__init__(ctx, **meta)

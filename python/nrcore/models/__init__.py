@@ -54,14 +54,18 @@ def describe_models() -> Dict[str, str]:
     return {name: desc for name, (_, desc) in _BUILDERS.items()}
 
 
-def resolve_channels_last(setting: Optional[bool], device: torch.device) -> bool:
-    """`--channels-last` resolved: None (auto) means on for CPU runs, off on CUDA.
+def resolve_channels_last(setting: Optional[bool], device: torch.device, method_suits: bool = True) -> bool:
+    """`--channels-last` resolved: None (auto) means on for CPU runs of methods that suit it
+    (`Method.suits_channels_last(options)`, passed as `method_suits`), off otherwise and on CUDA.
 
     Why on the CPU: with 4-d weights in channels-last layout, oneDNN runs the convolutions,
     BatchNorm and above all max-pooling in NHWC, where torch's NCHW max-pooling is several times
     slower: a `ce` step of the `cnn` on mnist10k takes 0.7x the time, a ResNet-32 step about
-    0.7x, and every method but `meta --hypergrad autograd` (about the same) is faster
+    0.7x, and most methods gain. Steps that are mostly double backprop through BatchNorm (`mlc`,
+    `--hypergrad autograd`) lose: their decomposed reductions are slower in NHWC
     (bench/README.md, "Memory layout"). The values are the same up to float rounding. CUDA keeps
     the default layout because it has not been measured there. Models without 4-d weights (the
     MLP) are unaffected either way."""
-    return torch.device(device).type == "cpu" if setting is None else bool(setting)
+    if setting is not None:
+        return bool(setting)
+    return torch.device(device).type == "cpu" and method_suits

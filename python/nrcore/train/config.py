@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
-    channels_last: Optional[bool] = None  # None: on for CPU runs (nrcore.models.resolve_channels_last)
+    channels_last: Optional[bool] = None  # None: auto, by device and method (nrcore.models.resolve_channels_last)
     download: bool = False
     verify_checksums: bool = True
     track_examples: int = 500  # per-example-weight methods: how many weight trajectories to store

@@ -134,7 +134,7 @@ class Trainer:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            channels_last=resolve_channels_last(cfg.channels_last, self.device),
+            channels_last=resolve_channels_last(cfg.channels_last, self.device, cls.suits_channels_last(cfg.method_options)),
         )
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
