@@ -18,6 +18,7 @@ what was allocated before the method was built (the task's images).
 
     python bench/methods.py                         # mnist10k if the data is there, else digits
     python bench/methods.py --methods ce,fbr,meta --threads 1 --repeats 7
+    python bench/methods.py --methods ce@cl,ce@nchw,mlc@cl,mlc@nchw   # both memory layouts, side by side
     python bench/methods.py --device cuda --model resnet32 --dataset cifar10 --batch-size 100
 """
 
@@ -123,15 +124,37 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
+LAYOUTS = {"cl": True, "nchw": False}  # `variant@cl` / `variant@nchw`: that memory layout
+
+
+def split_layout(name: str) -> Tuple[str, Optional[bool]]:
+    """`variant@cl` -> (variant, True), `variant@nchw` -> (variant, False), else (name, None)."""
+    text, at, layout = name.rpartition("@")
+    if not at:
+        return name, None
+    if layout not in LAYOUTS:
+        raise SystemExit(f"error: {name!r}: the layout after @ is one of {', '.join(LAYOUTS)}")
+    return text, LAYOUTS[layout]
+
+
+def baseline_of(name: str) -> str:
+    """The `ce` a row is divided by: the one in the same layout."""
+    _, at, layout = name.rpartition("@")
+    return f"{BASELINE}@{layout}" if at else BASELINE
+
+
 def config_for(args, name: str):
     from nrcore.methods import registry
     from nrcore.train import resolve_config
 
-    variant = parse_variant(name, registry())
+    text, layout = split_layout(name)
+    variant = parse_variant(text, registry())
     given = {"method": variant.method, "dataset": args.dataset, "data_dir": args.data_dir, "noise": args.noise, "device": args.device}
     for key in ("model", "batch_size", "threads", "channels_last"):
         if getattr(args, key) is not None:
             given[key] = getattr(args, key)
+    if layout is not None:
+        given["channels_last"] = layout
     return resolve_config(cli=given, cli_method_options=dict(variant.options))
 
 
@@ -277,15 +300,15 @@ def _forward_args(args) -> List[str]:
 # ---- the table ---------------------------------------------------------------------------------
 def format_table(bench: Bench, timings: Dict[str, Timing], memory: Optional[Dict[str, Dict[str, Any]]]) -> str:
     args = bench.args
-    base = timings.get(BASELINE)
-    base_time = base.median if base else None
-    base_mem = (memory or {}).get(BASELINE, {}).get("peak_bytes")
     header = ["method", "ms/step", "÷ ce", "min-max ms", "epoch setup ms", "epochs ÷ ce"]
     if memory is not None:
         header += ["peak MB", "÷ ce"]
     rows = []
     errors = []
     for name, t in timings.items():
+        base = timings.get(baseline_of(name))
+        base_time = base.median if base and not base.error else None
+        base_mem = (memory or {}).get(baseline_of(name), {}).get("peak_bytes")
         if t.error:
             rows.append([name, "failed"] + [""] * (len(header) - 2))
             errors.append(f"{name}: {t.error}")
@@ -335,7 +358,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="task to time on (default mnist10k when its data is found, else digits)")
     p.add_argument("--data-dir", default=default_data_dir(), help="data folder (default $NRCORE_DATA, else ../shared/data when present)")
     p.add_argument("--noise", default="sym80", help="noise spec (default sym80; matters for methods whose defaults read the noise rate)")
-    p.add_argument("--methods", help="comma-separated methods or variants method:opt=value (default: every registered method)")
+    p.add_argument("--methods", help="comma-separated methods or variants method:opt=value, each optionally with @cl or @nchw "
+                   "for a memory layout (default: every registered method)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--model", help="model (default: the dataset's, cnn for mnist10k/digits)")
     p.add_argument("--batch-size", type=int, help="noisy batch size, also the trusted batch size (default: the dataset's)")
@@ -367,15 +391,12 @@ def main(argv=None) -> int:
 
     reg = registry()
     names = split_variants(args.methods) if args.methods else list(reg)
-    unknown = [n for n in names if parse_variant(n, reg).method not in reg]
+    unknown = [n for n in names if parse_variant(split_layout(n)[0], reg).method not in reg]
     if unknown:
         print(f"warning: not registered, skipped: {', '.join(unknown)}", file=sys.stderr)
         names = [n for n in names if n not in unknown]  # keeps variants (meta:hypergrad=...) of known methods
-    if BASELINE not in names:
-        names.insert(0, BASELINE)  # the ratios need it
-    else:
-        names.remove(BASELINE)
-        names.insert(0, BASELINE)
+    baselines = list(dict.fromkeys(baseline_of(n) for n in names)) or [BASELINE]  # the ratios need them, first
+    names = baselines + [n for n in names if n not in baselines]
 
     bench = Bench.load(args)
     print(f"timing {len(names)} methods: {', '.join(names)}", file=sys.stderr, flush=True)
