@@ -65,7 +65,7 @@ ABLATIONS: Dict[str, Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]] = {
 }
 
 # config keys that may differ between the request and a finished run without making it stale
-HARMLESS = {"device", "threads", "channels_last", "data_dir", "download"}  # same experiment, other speed
+HARMLESS = {"device", "threads", "channels_last", "eval_batch_size", "data_dir", "download"}  # same experiment, other speed
 
 
 # ---- what to run ---------------------------------------------------------------------------

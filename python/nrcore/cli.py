@@ -123,7 +123,7 @@ def _train_command():
     @click.option("--epochs", type=int, default=None, help="Training epochs.")
     @click.option("--batch-size", type=int, default=None, help="Noisy-batch size.")
     @click.option("--clean-batch-size", type=int, default=None, help="Trusted-batch size for methods that use one (default: --batch-size).")
-    @click.option("--eval-batch-size", type=int, default=None, help="Batch size for evaluation (default 1000).")
+    @click.option("--eval-batch-size", type=int, default=None, help="Batch size for evaluation (default 128 on the CPU, where larger batches run slower, 1000 on CUDA).")
     @click.option("--lr", type=float, default=None, help="Main model's SGD learning rate.")
     @click.option("--momentum", type=float, default=None, help="SGD momentum (default 0.9).")
     @click.option("--weight-decay", type=float, default=None, help="SGD weight decay (default 5e-4).")

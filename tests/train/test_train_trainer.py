@@ -232,3 +232,12 @@ def test_selection_ignores_epochs_a_method_excludes(tmp_path, monkeypatch):
     records = _metrics(tmp_path / "run")
     assert [r.get("selectable", True) for r in records] == [False, False, True]
     assert summary["best_val_epoch"] == 3 and summary["test_acc_max"] == records[2]["test_acc"]
+
+
+def test_eval_batch_size_defaults_by_device():
+    from nrcore.train import TrainConfig
+    from nrcore.train.config import eval_batch_size_for
+
+    assert eval_batch_size_for(TrainConfig(), torch.device("cpu")) == 128  # 1000 is 1.5-2x slower on the CPU
+    assert eval_batch_size_for(TrainConfig(), torch.device("cuda", 0)) == 1000
+    assert eval_batch_size_for(TrainConfig(eval_batch_size=37), "cpu") == 37

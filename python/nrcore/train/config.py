@@ -27,7 +27,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 100
     clean_batch_size: Optional[int] = None  # None: same as batch_size (capped at the trusted-set size)
-    eval_batch_size: int = 1000
+    eval_batch_size: Optional[int] = None  # None: 128 on the CPU, 1000 on CUDA (eval_batch_size_for)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -210,6 +210,16 @@ def validate(cfg: TrainConfig) -> None:
         value = cfg.method_options.get(opt.name)
         if opt.type is float and value is not None and not math.isfinite(value):
             raise ValueError(f"{opt.flag} must be a finite number, got {value}")
+
+
+def eval_batch_size_for(cfg: TrainConfig, device) -> int:
+    """The evaluation batch size: `--eval-batch-size`, else 1000 on CUDA and 128 on the CPU, where
+    batches of 1000 run 1.5-2x slower (their activations no longer fit the caches: the `cnn` on
+    2,000 MNIST images 568 against 284 ms, ResNet-32 on 1,000 CIFAR images 2.1 against 1.1 s,
+    2 threads). The results do not depend on it (eval mode)."""
+    if cfg.eval_batch_size is not None:
+        return cfg.eval_batch_size
+    return 1000 if str(device).startswith("cuda") else 128
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:

@@ -32,12 +32,12 @@ import torch
 import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from nrcore.train.config import TrainConfig, changed_settings, lr_factor
+from nrcore.train.config import TrainConfig, changed_settings, eval_batch_size_for, lr_factor
 from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
 
 # Config keys that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"epochs", "device", "threads", "channels_last", "data_dir", "download", "verify_checksums"}
+RESUMABLE_CHANGES = {"epochs", "device", "threads", "channels_last", "eval_batch_size", "data_dir", "download", "verify_checksums"}
 NONFINITE_CHECK_EVERY = 50  # steps between host reads of the running loss (one sync each)
 
 
@@ -286,10 +286,11 @@ class Trainer:
 
         t_eval = time.perf_counter()
         model = method.eval_model()
-        test = evaluate(model, task.loader("test", cfg.eval_batch_size, device=self.device))
+        eval_batch = eval_batch_size_for(cfg, self.device)
+        test = evaluate(model, task.loader("test", eval_batch, device=self.device))
         record.update(test_acc=test["acc"], test_loss=test["loss"])
         if task.val is not None and len(task.val):
-            val = evaluate(model, task.loader("val", cfg.eval_batch_size, device=self.device))
+            val = evaluate(model, task.loader("val", eval_batch, device=self.device))
             record.update(val_acc=val["acc"], val_loss=val["loss"])
         weights = method.example_weights()
         if weights is not None:
