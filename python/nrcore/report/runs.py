@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 # Config keys that do not change what a run computes (or are part of the row key already).
 NOT_A_SETTING = {
-    "seed", "device", "threads", "data_dir", "download", "track_examples", "eval_batch_size",
+    "seed", "device", "threads", "channels_last", "data_dir", "download", "track_examples", "eval_batch_size",
     "method", "dataset", "noise", "model", "method_options",
 }
 
