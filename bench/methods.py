@@ -92,7 +92,8 @@ class Bench:
 
         from nrcore.methods import MethodContext, OptimConfig, get_method
         from nrcore.methods.base import derive_seed
-        from nrcore.models import build_model, resolve_channels_last
+        from nrcore.models import build_model
+        from nrcore.train.config import channels_last_for
 
         cfg = config_for(self.args, name)
         cls = get_method(cfg.method)
@@ -105,7 +106,7 @@ class Bench:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            channels_last=resolve_channels_last(cfg.channels_last, self.device, cls.suits_channels_last(cfg.method_options)),
+            channels_last=channels_last_for(cfg, self.device),
         )
         method = cls(ctx, **cfg.method_options)
         return method, cfg.epochs
@@ -234,11 +235,12 @@ def warm_up_runtime(bench: Bench) -> None:
     torch._dynamo)."""
     import torch
 
-    from nrcore.models import build_model, resolve_channels_last
+    from nrcore.models import build_model
+    from nrcore.train.config import channels_last_for
 
     cfg = config_for(bench.args, BASELINE)
     model = build_model(cfg.model, bench.task.input_shape, bench.task.num_classes).to(bench.device)
-    if resolve_channels_last(cfg.channels_last, bench.device):
+    if channels_last_for(cfg, bench.device):
         model = model.to(memory_format=torch.channels_last)  # as the timed methods' models
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     batch = bench.batches[0]

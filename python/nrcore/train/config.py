@@ -212,6 +212,15 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{opt.flag} must be a finite number, got {value}")
 
 
+def channels_last_for(cfg: TrainConfig, device) -> bool:
+    """The run's memory layout: `--channels-last` when given, else the default for the device
+    and the method with these options (nrcore.models.resolve_channels_last)."""
+    from nrcore.methods import get_method
+    from nrcore.models import resolve_channels_last
+
+    return resolve_channels_last(cfg.channels_last, device, get_method(cfg.method).suits_channels_last(cfg.method_options))
+
+
 def eval_batch_size_for(cfg: TrainConfig, device) -> int:
     """The evaluation batch size: `--eval-batch-size`, else 1000 on CUDA and 128 on the CPU, where
     batches of 1000 run 1.5-2x slower (their activations no longer fit the caches: the `cnn` on

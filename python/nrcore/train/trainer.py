@@ -32,7 +32,7 @@ import torch
 import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from nrcore.train.config import TrainConfig, changed_settings, eval_batch_size_for, lr_factor
+from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor
 from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
 
@@ -115,7 +115,7 @@ class Trainer:
         self._prepare_run_dir()
 
         from nrcore.data import save_task_labels
-        from nrcore.models import build_model, resolve_channels_last
+        from nrcore.models import build_model
 
         cls = get_method(cfg.method)
         task = build_run_task(cfg)
@@ -134,7 +134,7 @@ class Trainer:
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            channels_last=resolve_channels_last(cfg.channels_last, self.device, cls.suits_channels_last(cfg.method_options)),
+            channels_last=channels_last_for(cfg, self.device),
         )
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
