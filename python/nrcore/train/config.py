@@ -205,11 +205,12 @@ def validate(cfg: TrainConfig) -> None:
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
         raise ValueError(f"--milestones must be increasing positive epochs, got {cfg.milestones}")
     from nrcore.methods import get_method
+    from nrcore.methods.base import check_number
 
     for opt in get_method(cfg.method).options:  # ranges are the methods' own; NaN/inf is never meant
         value = cfg.method_options.get(opt.name)
-        if opt.type is float and value is not None and not math.isfinite(value):
-            raise ValueError(f"{opt.flag} must be a finite number, got {value}")
+        if opt.type is float and value is not None:
+            check_number(opt.name, value)
 
 
 def channels_last_for(cfg: TrainConfig, device) -> bool:
