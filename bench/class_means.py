@@ -48,11 +48,14 @@ def positive_pairs(means: torch.Tensor, given: np.ndarray, true: np.ndarray) -> 
     return gram[true, given] > 0
 
 
-def run_report(run_dir: Path) -> Dict[str, float]:
+def run_report(run) -> Dict[str, float]:
+    """The numbers above for one finished run (a nrcore.report.runs.Run with weights and labels)."""
+    from nrcore.data import load_task_labels
     from nrcore.methods._reweighting import split_features
     from nrcore.train.metrics import auroc
     from nrcore.train.trainer import load_final_model
 
+    run_dir = run.path
     cfg, task, model = load_final_model(run_dir)
     model.train()
     feats, labels = split_features(model, task, "clean", cfg.batch_size, torch.device("cpu"))
@@ -60,9 +63,9 @@ def run_report(run_dir: Path) -> Dict[str, float]:
     energy = torch.linalg.svdvals(means) ** 2
     energy = energy / energy.sum()
 
-    given = np.load(run_dir / "labels" / "train_labels.npy")
-    true = np.load(run_dir / "labels" / "train_true_labels.npy")
-    with np.load(run_dir / "weights.npz") as data:
+    labels_saved = load_task_labels(run_dir)
+    given, true = labels_saved["train_labels"], labels_saved["train_true_labels"]
+    with np.load(run.weights_file) as data:
         weights = np.asarray(data["final_weights"], dtype=float)
     if not len(weights) == len(given) == len(true):
         raise ValueError(f"{run_dir}: {len(weights)} weights but {len(given)} training labels")
@@ -88,16 +91,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from nrcore.report.runs import load_run
 
     print("| run | top1 | top3 | pos pairs | w pos | w neg | w clean | AUROC | AUROC without pos |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v, digits=2: "n/a" if v is None or v != v else f"{v:.{digits}f}"  # noqa: E731
     for run in args.runs:
-        missing = [f for f in ("checkpoint.pt", "weights.npz", "labels/train_true_labels.npy") if not (run / f).is_file()]
+        saved = load_run(run)
+        missing = [what for what, there in (("checkpoint.pt", (run / "checkpoint.pt").is_file()),
+                                            ("weights.npz", saved.weights_file is not None),
+                                            ("training labels", saved.train_label_files is not None)) if not there]
         if missing:
             print(f"- skipped {run}: no {', '.join(missing)} (not a finished run with per-example weights)", file=sys.stderr)
             continue
-        r = run_report(run)
+        r = run_report(saved)
         print(f"| {run} | {fmt(r['top1'])} | {fmt(r['top3'])} | {fmt(r['pos_pairs'])} | {fmt(r['w_pos'])} | {fmt(r['w_neg'])} "
               f"| {fmt(r['w_clean'])} | {fmt(r['auroc'], 3)} | {fmt(r['auroc_without_pos'], 3)} |")
     return 0
