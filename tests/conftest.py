@@ -87,3 +87,12 @@ def run_tiny(tmp_path):
 def shared_data_dir() -> Path:
     """The read-only real data (../shared/data), or $NRCORE_SHARED_DATA."""
     return Path(os.environ.get("NRCORE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    """shared_data_dir(), skipping the test when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} absent")
+    return path

@@ -95,6 +95,43 @@ def test_cifar_augmentation_is_a_padded_random_crop_and_flip(cifar):
     assert flips.any() and not flips.all()
 
 
+def test_crop_and_flip_of_a_known_image_gives_the_expected_pixels():
+    from nrcore.data.loader import crop_and_flip
+
+    image = torch.arange(1, 10, dtype=torch.uint8).view(1, 1, 3, 3)  # rows 1 2 3 / 4 5 6 / 7 8 9
+    batch = image.expand(3, 2, 3, 3).contiguous()  # three copies, two channels
+    offsets = torch.tensor([[0, 1, 2], [0, 1, 0]])  # (row, col) corners in the 1-pixel-padded 5x5 image
+    flips = torch.tensor([False, False, True])
+    out = crop_and_flip(batch, offsets, flips, pad=1, crop=3)
+    assert out.shape == (3, 2, 3, 3) and out.dtype == torch.uint8
+    top_left = torch.tensor([[0, 0, 0], [0, 1, 2], [0, 4, 5]], dtype=torch.uint8)
+    centre = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.uint8)
+    bottom_left_flipped = torch.tensor([[5, 4, 0], [8, 7, 0], [0, 0, 0]], dtype=torch.uint8)
+    for i, expected in enumerate((top_left, centre, bottom_left_flipped)):
+        assert torch.equal(out[i, 0], expected) and torch.equal(out[i, 1], expected), i
+
+
+def test_augmented_epochs_depend_only_on_seed_and_epoch(cifar):
+    """The trainer's batches for epoch e come from MethodContext.generator(e, "train"): the same
+    (seed, epoch) gives the same crops and flips (what makes resume exact), another epoch or seed
+    others; the batch shape is the model's input."""
+    from nrcore.methods.base import MethodContext
+
+    def first_batch(seed, epoch):
+        ctx = MethodContext(cifar, "cpu", lambda: None, None, epochs=3, batch_size=16, seed=seed)
+        return next(iter(cifar.loader("train", 16, shuffle=True, augment=True, generator=ctx.generator(epoch, "train"))))
+
+    a, again = first_batch(0, 1), first_batch(0, 1)
+    assert a.x.shape == (16, 3, 32, 32) and a.x.dtype == torch.float32
+    assert torch.equal(a.x, again.x) and torch.equal(a.index, again.index)
+    for other in (first_batch(0, 2), first_batch(1, 1)):
+        assert not torch.equal(a.x, other.x)
+    # same images in another order still differ in their crops: compare one example across epochs
+    b = next(iter(cifar.loader("train", len(cifar.train), shuffle=False, augment=True, generator=torch.Generator().manual_seed(1))))
+    c = next(iter(cifar.loader("train", len(cifar.train), shuffle=False, augment=True, generator=torch.Generator().manual_seed(2))))
+    assert not torch.equal(b.x, c.x) and torch.equal(b.index, c.index)
+
+
 def test_augment_is_a_no_op_without_a_dataset_policy(digits):
     g = torch.Generator().manual_seed(0)
     plain = next(iter(digits.loader("train", 50)))

@@ -80,7 +80,7 @@ def test_presets_set_their_method_and_dataset_and_yield_to_flags():
     presets = all_presets()
     if not presets:
         pytest.skip("no presets registered yet")
-    name, values = next(iter(presets.items()))
+    name, values = next((n, v) for n, v in presets.items() if "method" in v)  # dataset presets: test_train_cifar10n_cpu
     cfg = resolve_config(cli={}, cli_method_options={}, preset=name)
     assert cfg.method == values["method"]
     if "dataset" in values:
@@ -119,3 +119,31 @@ def test_cli_train_end_to_end_quiet(tmp_path, capsys):
     assert (run_dir / "summary.json").is_file()
     assert json.loads((run_dir / "config.json").read_text())["channels_last"] is False
     assert json.loads((run_dir / "summary.json").read_text())["channels_last"] is False
+
+
+@pytest.mark.parametrize(
+    "cli, preset, expected",
+    [
+        ({"clean_frac": 0.1}, None, (None, 0.1)),  # digits' default is a clean_size
+        ({"clean_size": 1000}, "ebomlc-cifar10", (1000, None)),  # the preset sets clean_frac
+        ({"dataset": "mnist10k", "clean_size": 300}, None, (300, None)),
+        ({}, "ebomlc-cifar10", (None, 0.02)),
+    ],
+)
+def test_a_given_trusted_size_overrides_the_other_form_from_below(cli, preset, expected):
+    cfg = resolve_config(cli=cli, cli_method_options={}, preset=preset)
+    assert (cfg.clean_size, cfg.clean_frac) == expected
+
+
+def test_only_one_layer_giving_both_trusted_size_forms_conflicts(tmp_path):
+    with pytest.raises(ValueError, match=r"give at most one of --clean-size and --clean-frac \(the command line gives both\)"):
+        resolve_config(cli={"clean_size": 10, "clean_frac": 0.1}, cli_method_options={})
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"clean_frac": 0.05}))
+    cfg = resolve_config(cli={"clean_size": 50}, cli_method_options={}, config_file=str(config))
+    assert (cfg.clean_size, cfg.clean_frac) == (50, None)
+
+
+def test_a_bad_clean_frac_gets_its_range_error_not_the_conflict(tmp_path, capsys):
+    code, _, err = _run(["train", "--clean-frac", "1.5", "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code != 0 and "--clean-frac must be in (0, 1), got 1.5" in err

@@ -5,7 +5,7 @@ import torch
 
 from nrcore.models import MODELS, build_model
 
-SHAPES = {"resnet32": (3, 32, 32), "resnet34": (3, 32, 32), "preact-resnet18": (3, 32, 32), "cnn": (1, 28, 28), "mlp": (1, 8, 8)}
+SHAPES = {"resnet8": (3, 32, 32), "resnet32": (3, 32, 32), "resnet34": (3, 32, 32), "preact-resnet18": (3, 32, 32), "cnn": (1, 28, 28), "mlp": (1, 8, 8)}
 
 
 def test_resnet32_is_the_046m_parameter_cifar_resnet():

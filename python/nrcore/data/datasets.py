@@ -24,7 +24,9 @@ from nrcore.data.noise import REAL_LABEL_SPECS
 from nrcore.data.splits import seeded_generator, stratified_holdout
 from nrcore.data.types import Augmentation
 
-DATASETS = ("mnist", "mnist10k", "fashion-mnist", "digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "clothing1m", "custom")
+DATASETS = (
+    "mnist", "mnist10k", "fashion-mnist", "digits", "cifar10", "cifar100", "cifar10n", "cifar10n-cpu", "cifar100n", "clothing1m", "custom",
+)  # fmt: skip
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -185,6 +187,8 @@ LAYOUT_HINTS = {
     "cifar100": "extract cifar-100-python.tar.gz into DIR (DIR/cifar-100-python/)",
     "cifar10n": "cifar10n needs the CIFAR-10 images (DIR/cifar-10-batches-py/ or DIR/cifar10/cifar10.npz) and "
     "CIFAR-10_human.pt (github.com/UCSC-REAL/cifar-10-100n) in DIR/cifar-n/",
+    "cifar10n-cpu": "cifar10n-cpu (the CPU protocol of CIFAR-10 with CIFAR-10N labels) needs the cifar10n files: the CIFAR-10 images "
+    "(DIR/cifar-10-batches-py/ or DIR/cifar10/cifar10.npz) and CIFAR-10_human.pt in DIR/cifar-n/",
     "cifar100n": "cifar100n needs the CIFAR-100 images (extract cifar-100-python.tar.gz into DIR) and "
     "CIFAR-100_human.pt (github.com/UCSC-REAL/cifar-10-100n) in DIR/cifar-n/",
     "clothing1m": "put the Clothing1M release (images/ and the *_key_list.txt, *_label_kv.txt files) in DIR/clothing1m/",
@@ -375,9 +379,18 @@ def _load_cifar100(name: str, data_dir: Path, verify: bool) -> RawDataset:
 CIFAR_N = {
     # dataset: (image dataset, label file, key of the clean labels)
     "cifar10n": ("cifar10", "CIFAR-10_human.pt", "clean_label"),
+    # the CPU protocol: the same files; its defaults (a 10,000-image subset, resnet8, ...) live in
+    # the trainer's dataset defaults, and it also takes synthetic noise (on CIFAR-10's classes)
+    "cifar10n-cpu": ("cifar10", "CIFAR-10_human.pt", "clean_label"),
     "cifar100n": ("cifar100", "CIFAR-100_human.pt", "clean_label"),
 }
 CIFAR_N_FOLDERS = ("cifar-n", "cifar-N", "CIFAR-N", "cifarn")  # then DIR/<dataset name>/ and DIR/
+
+
+def image_dataset(name: str) -> str:
+    """The dataset whose images and classes `name` uses (cifar10 for cifar10n and cifar10n-cpu):
+    what decides the meaning of class-map noise such as CIFAR-10's asym."""
+    return CIFAR_N[name][0] if name in CIFAR_N else name
 
 
 def _load_cifar_n(name: str, data_dir: Path, verify: bool) -> RawDataset:
@@ -631,7 +644,7 @@ def _load_custom(name: str, data_dir: Path, verify: bool) -> RawDataset:
 # ---- download (optional, torchvision) ---------------------------------------------------------------
 TORCHVISION_DATASETS = {
     "mnist": "MNIST", "mnist10k": "MNIST", "fashion-mnist": "FashionMNIST",
-    "cifar10": "CIFAR10", "cifar10n": "CIFAR10", "cifar100": "CIFAR100", "cifar100n": "CIFAR100",
+    "cifar10": "CIFAR10", "cifar10n": "CIFAR10", "cifar10n-cpu": "CIFAR10", "cifar100": "CIFAR100", "cifar100n": "CIFAR100",
 }  # fmt: skip
 
 
@@ -660,6 +673,7 @@ LOADERS: Dict[str, Callable[[str, Path, bool], RawDataset]] = {
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
     "cifar10n": _load_cifar_n,
+    "cifar10n-cpu": _load_cifar_n,
     "cifar100n": _load_cifar_n,
     "clothing1m": _load_clothing1m,
     "custom": _load_custom,

@@ -45,18 +45,26 @@ class _BatchTransform:
     def _random_crop_flip(self, x: torch.Tensor, aug: Augmentation, generator: Optional[torch.Generator]) -> torch.Tensor:
         batch, size = x.shape[0], x.shape[-1]
         span = size + 2 * aug.pad - aug.crop
+        # drawn on the CPU generator, so a batch depends only on (seed, epoch), whatever the device
         offsets = torch.randint(0, span + 1, (2, batch), generator=generator).to(self.device)
         flips = (torch.rand(batch, generator=generator) < 0.5) if aug.flip else torch.zeros(batch, dtype=torch.bool)
-        flips = flips.to(self.device)
-        if aug.pad:
-            x = F.pad(x, (aug.pad,) * 4)
-        padded = x.shape[-1]
-        ramp = torch.arange(aug.crop, device=self.device)
-        rows = offsets[0, :, None] + ramp
-        cols = offsets[1, :, None] + torch.where(flips[:, None], aug.crop - 1 - ramp, ramp)
-        # one gather over the flattened pixels picks every crop (and mirrors the flipped ones)
-        pixel = (rows[:, :, None] * padded + cols[:, None, :]).view(batch, 1, -1).expand(-1, x.shape[1], -1)
-        return torch.gather(x.reshape(batch, x.shape[1], -1), 2, pixel).view(batch, x.shape[1], aug.crop, aug.crop)
+        return crop_and_flip(x, offsets, flips.to(self.device), aug.pad, aug.crop)
+
+
+def crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int, crop: int) -> torch.Tensor:
+    """Batched crop-and-flip: image i of x [B, C, S, S] zero-padded by `pad` on every side, the
+    `crop` x `crop` window whose top-left corner is (offsets[0, i], offsets[1, i]) in the padded
+    image, mirrored left-right where flips[i]. One gather for the whole batch, on x's device."""
+    batch, channels = x.shape[0], x.shape[1]
+    if pad:
+        x = F.pad(x, (pad,) * 4)
+    padded = x.shape[-1]
+    ramp = torch.arange(crop, device=x.device)
+    rows = offsets[0, :, None] + ramp
+    cols = offsets[1, :, None] + torch.where(flips[:, None], crop - 1 - ramp, ramp)
+    # one gather over the flattened pixels picks every crop (and mirrors the flipped ones)
+    pixel = (rows[:, :, None] * padded + cols[:, None, :]).view(batch, 1, -1).expand(-1, channels, -1)
+    return torch.gather(x.reshape(batch, channels, -1), 2, pixel).view(batch, channels, crop, crop)
 
 
 def _check_batch_size(batch_size: int) -> int:

@@ -17,11 +17,11 @@ SYNTHETIC_KINDS = ("sym", "unif", "asym", "pair", "flip")
 
 # Real-label specs: name -> (datasets that carry these labels, key in the released label file).
 REAL_LABEL_SPECS = {
-    "aggre": (("cifar10n",), "aggre_label"),
-    "random1": (("cifar10n",), "random_label1"),
-    "random2": (("cifar10n",), "random_label2"),
-    "random3": (("cifar10n",), "random_label3"),
-    "worst": (("cifar10n",), "worse_label"),
+    "aggre": (("cifar10n", "cifar10n-cpu"), "aggre_label"),
+    "random1": (("cifar10n", "cifar10n-cpu"), "random_label1"),
+    "random2": (("cifar10n", "cifar10n-cpu"), "random_label2"),
+    "random3": (("cifar10n", "cifar10n-cpu"), "random_label3"),
+    "worst": (("cifar10n", "cifar10n-cpu"), "worse_label"),
     "noisy100": (("cifar100n",), "noisy_label"),
     "real": (("clothing1m", "custom"), "real"),
 }

@@ -1,12 +1,16 @@
 """`build_task`: a dataset, a noise model and the trusted/validation splits, as one `Task`;
 `save_task_labels`: the run's labels and split indices on disk, for audit and reproduction.
 
-Order of operations (spec, "Noise models and splits"):
+Order of operations (docs/data.md, "Splits"):
+0. with `train_size`: a class-balanced subset of the training pool, drawn from `data_seed` (not
+   the run seed, so every run seed trains on the same images); it becomes the noisy training
+   set, and steps 1-2 draw from the rest of the pool;
 1. the trusted set: class-balanced, drawn from the ORIGINAL clean labels of the training pool;
 2. the clean validation split: class proportions kept, disjoint from the trusted set;
-3. the noisy training set: everything else; only it gets noisy labels. Synthetic noise is drawn
-   for every pool example from one seeded generator and then kept for the noisy set, so the
-   noisy label of an example depends only on (seed, example), not on the split sizes.
+3. the noisy training set: everything else (the subset, with `train_size`); only it gets noisy
+   labels. Synthetic noise is drawn for every pool example from one seeded generator and then
+   kept for the noisy set, so the noisy label of an example depends only on (seed, example),
+   not on the split sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from nrcore.data import formats
-from nrcore.data.datasets import RawDataset, load_dataset
+from nrcore.data.datasets import RawDataset, image_dataset, load_dataset
 from nrcore.data.errors import DataError
 from nrcore.data.noise import (
     REAL_LABEL_SPECS,
@@ -102,6 +106,8 @@ def build_task(
     val_size: Union[int, float] = 0,
     seed: int = 0,
     use_clean_in_train: bool = False,
+    train_size: Optional[int] = None,
+    data_seed: int = 0,
     download: bool = False,
     verify_checksums: bool = True,
 ) -> Task:
@@ -116,6 +122,10 @@ def build_task(
                          training set, or 0 for none
     seed:                fixes the trusted/val draws and the noise
     use_clean_in_train:  append the trusted examples (clean labels) to the training split
+    train_size:          train on a class-balanced subset of this many pool examples (drawn
+                         from `data_seed`); the trusted and validation splits come from the
+                         rest, and fractions (clean_frac, val_size < 1) are of train_size
+    data_seed:           fixes the `train_size` subset (default 0; independent of `seed`)
     download:            fetch missing official files with torchvision (when installed)
     verify_checksums:    check files with known official checksums (a mismatch is an error)
     """
@@ -123,8 +133,9 @@ def build_task(
     check_noise_for_dataset(spec, dataset)
     raw = load_dataset(dataset, data_dir, download=download, verify_checksums=verify_checksums)
     return task_from_dataset(
-        raw, spec, clean_size=clean_size, clean_frac=clean_frac, val_size=val_size, seed=seed, use_clean_in_train=use_clean_in_train
-    )
+        raw, spec, clean_size=clean_size, clean_frac=clean_frac, val_size=val_size, seed=seed,
+        use_clean_in_train=use_clean_in_train, train_size=train_size, data_seed=data_seed,
+    )  # fmt: skip
 
 
 def _original_labels(raw: RawDataset, spec: NoiseSpec) -> np.ndarray:
@@ -146,8 +157,55 @@ def _candidates(mask: Optional[np.ndarray], known: np.ndarray) -> np.ndarray:
     return known if mask is None else known & mask
 
 
-def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[float], seed: int):
-    """(trusted indices, per-class count or None)."""
+def _check_train_size(train_size) -> Optional[int]:
+    if train_size is None:
+        return None
+    if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)) or train_size < 1:
+        raise ValueError(f"--train-size must be a positive whole number of examples, got {train_size!r}")
+    return int(train_size)
+
+
+def _draw_train_subset(raw: RawDataset, original: np.ndarray, noisy_candidates: np.ndarray, train_size: int, data_seed: int):
+    """(bool mask over the pool of the class-balanced `train_size` subset, per-class counts).
+    Classes get equal shares (the remainder to the lowest class ids), drawn on the original
+    labels from a generator that depends only on `data_seed`."""
+    C = raw.num_classes
+    candidates = noisy_candidates & (original >= 0)
+    available = int(candidates.sum())
+    if train_size > available:
+        unknown = int((noisy_candidates & (original < 0)).sum())
+        known = f" with a known original label ({unknown} have none)" if unknown else ""
+        raise ValueError(f"--train-size {train_size} exceeds the {available} training examples of {raw.name}{known}")
+    if train_size < C:
+        raise ValueError(f"--train-size {train_size} is smaller than the {C} classes of {raw.name}; a class-balanced subset needs at least {C}")
+    quotas = np.full(C, train_size // C, dtype=np.int64)
+    quotas[: train_size % C] += 1
+    orders = class_orders(original, C, seeded_generator(data_seed, "train-subset"), candidates)
+    for c, (order, quota) in enumerate(zip(orders, quotas)):
+        if len(order) < quota:
+            raise ValueError(
+                f"--train-size {train_size} needs {quota} examples of class {c} ({raw.class_names[c]}) "
+                f"but {raw.name} has {len(order)}; at most {C * min(len(o) for o in orders)} keeps the subset class-balanced"
+            )
+    mask = np.zeros(len(original), dtype=bool)
+    mask[np.concatenate([order[:quota] for order, quota in zip(orders, quotas)])] = True
+    return mask, quotas
+
+
+def _outside_subset(error: ValueError, train_size: Optional[int]) -> ValueError:
+    """A trusted/validation draw that failed for lack of examples, said in terms of --train-size."""
+    if train_size is None:
+        return error
+    return ValueError(
+        f"{error} outside the --train-size {train_size} subset; lower --train-size, or the trusted set "
+        "(--clean-size/--clean-frac) or validation split (--val-size)"
+    )
+
+
+def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[float], seed: int, train_size: Optional[int] = None,
+                  exclude: Optional[np.ndarray] = None):
+    """(trusted indices, per-class count or None); `exclude` marks pool examples it may not take
+    (the `train_size` subset)."""
     if raw.fixed_trusted is not None:
         if requested is not None:
             raise ValueError("this custom dataset marks its trusted examples; leave clean_size and clean_frac unset")
@@ -156,10 +214,15 @@ def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[flo
         return np.zeros(0, dtype=np.int64), None
     per_class = per_class_trusted_count(requested, raw.num_classes)
     candidates = _candidates(raw.trusted_candidates, original >= 0)
+    if exclude is not None:
+        candidates = candidates & ~exclude
     if not candidates.any():
         raise DataError(f"{raw.name}: no example has a known clean label to draw a trusted set from (give y_true or mark trusted rows)")
     orders = class_orders(original, raw.num_classes, seeded_generator(seed, "split"), candidates)
-    return draw_trusted(orders, per_class), per_class
+    try:
+        return draw_trusted(orders, per_class), per_class
+    except ValueError as exc:
+        raise _outside_subset(exc, train_size) from None
 
 
 def _noisy_labels(raw: RawDataset, spec: NoiseSpec, original: np.ndarray, noisy_idx: np.ndarray, seed: int):
@@ -171,7 +234,7 @@ def _noisy_labels(raw: RawDataset, spec: NoiseSpec, original: np.ndarray, noisy_
     unknown = int((true < 0).sum())
     if unknown:
         raise DataError(f"{raw.name}: {unknown} training examples have no original label, so noise {spec} cannot be applied")
-    T = spec.transition_matrix(raw.num_classes, dataset=raw.name, coarse_of_class=raw.coarse_of_class, seed=seed)
+    T = spec.transition_matrix(raw.num_classes, dataset=image_dataset(raw.name), coarse_of_class=raw.coarse_of_class, seed=seed)
     if spec.kind == "clean":
         observed = true.copy()
     else:  # drawn for the whole pool, so an example's label does not depend on the split sizes
@@ -194,27 +257,44 @@ def task_from_dataset(
     val_size: Union[int, float] = 0,
     seed: int = 0,
     use_clean_in_train: bool = False,
+    train_size: Optional[int] = None,
+    data_seed: int = 0,
 ) -> Task:
     """`build_task` on an already loaded `RawDataset` (same arguments)."""
     spec = NoiseSpec.parse(noise)
     check_noise_for_dataset(spec, raw.name)
     C = raw.num_classes
+    train_size = _check_train_size(train_size)
+    if train_size is not None and raw.fixed_trusted is not None:
+        raise ValueError("--train-size: this custom dataset marks its trusted examples, so its training set cannot be subsampled")
     noisy_candidates = np.ones(len(raw.train), dtype=bool) if raw.noisy_candidates is None else raw.noisy_candidates
+    original = _original_labels(raw, spec)
+
+    # 0. the training subset (the pool of the noisy set); 1.-2. draw from the rest
+    subset = subset_counts = None
+    if train_size is not None:
+        subset, subset_counts = _draw_train_subset(raw, original, noisy_candidates, train_size, data_seed)
+        noisy_candidates = subset
     base = int(noisy_candidates.sum())  # "the training set" for clean_frac and val_size fractions
     requested = _trusted_request(clean_size, clean_frac, base)
     if use_clean_in_train and requested is None and raw.fixed_trusted is None:
         raise ValueError("use_clean_in_train needs a trusted set (clean_size or clean_frac)")
-    original = _original_labels(raw, spec)
 
     # 1. trusted set; 2. clean validation split
-    trusted, per_class = _draw_trusted(raw, original, requested, seed)
+    trusted, per_class = _draw_trusted(raw, original, requested, seed, train_size, exclude=subset)
     n_val = _val_count(val_size, base)
     val = val_counts = None
     if n_val:
-        orders = class_orders(original, C, seeded_generator(seed, "split"), _candidates(raw.val_candidates, original >= 0))
-        val, val_counts = draw_val(orders, n_val, taken=trusted)
+        val_candidates = _candidates(raw.val_candidates, original >= 0)
+        if subset is not None:
+            val_candidates = val_candidates & ~subset
+        orders = class_orders(original, C, seeded_generator(seed, "split"), val_candidates)
+        try:
+            val, val_counts = draw_val(orders, n_val, taken=trusted)
+        except ValueError as exc:
+            raise _outside_subset(exc, train_size) from None
 
-    # 3. the noisy training set: everything else
+    # 3. the noisy training set: everything else (the subset, with train_size)
     in_noisy = noisy_candidates.copy()
     in_noisy[trusted] = False
     if val is not None:
@@ -243,12 +323,19 @@ def task_from_dataset(
         "input_shape": list(raw.input_shape),
         "seed": int(seed),
         "noise": str(spec),
-        "noise_description": spec.describe(C, raw.name),
+        "noise_description": spec.describe(C, image_dataset(raw.name)),
         "noise_rate_nominal": spec.rate,
         "noise_rate_expected": expected,
         "noise_rate_realized": realized,
         "noise_rate_realized_over": int((original[noisy_idx] >= 0).sum()),
         "train_label_error_rate": _error_rate(train_labels, original[train_idx]),
+        "train_subset": None if subset is None else {
+            "size": int(train_size),
+            "data_seed": int(data_seed),
+            "per_class": subset_counts.tolist(),
+            "rule": f"class-balanced subset of the {len(raw.train)}-example training pool drawn from data seed {int(data_seed)} "
+            "(the same for every run seed); the trusted and validation splits come from the rest of the pool",
+        },
         "sizes": {
             "pool": len(raw.train),
             "train": len(train_idx),

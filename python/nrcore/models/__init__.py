@@ -17,10 +17,10 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from nrcore.models.resnet import PreActResNet18, ResNet32, ResNet34
+from nrcore.models.resnet import PreActResNet18, ResNet8, ResNet32, ResNet34
 from nrcore.models.small import CNN, MLP
 
-__all__ = ["MODELS", "build_model", "describe_models", "resolve_channels_last", "CNN", "MLP", "ResNet32", "ResNet34", "PreActResNet18"]
+__all__ = ["MODELS", "build_model", "describe_models", "resolve_channels_last", "CNN", "MLP", "ResNet8", "ResNet32", "ResNet34", "PreActResNet18"]
 
 
 def _resnet50(input_shape, num_classes):
@@ -31,6 +31,7 @@ def _resnet50(input_shape, num_classes):
 
 _BUILDERS: Dict[str, Tuple[Callable[..., nn.Module], str]] = {
     "resnet32": (lambda s, c: ResNet32(s[0], c), "CIFAR ResNet-32 (3x5 basic blocks, 16/32/64, option-A shortcuts): EBOMLC/MLC backbone"),
+    "resnet8": (lambda s, c: ResNet8(s[0], c), "CIFAR ResNet-8 (3x1 basic blocks, 16/32/64, option-A shortcuts): the cifar10n-cpu protocol's fast CPU model"),
     "resnet34": (lambda s, c: ResNet34(s[0], c), "ResNet-34, CIFAR variant (3x3 stem, no max-pool): FBR backbone"),
     "preact-resnet18": (lambda s, c: PreActResNet18(s[0], c), "pre-activation ResNet-18 (CIFAR variant)"),
     "cnn": (lambda s, c: CNN(s, c), "small 3-conv CNN for 28x28 and 8x8 inputs (fast CPU benchmark model)"),

@@ -60,6 +60,8 @@ def build_run_task(cfg: TrainConfig):
         val_size=cfg.val_size,
         seed=cfg.seed,
         use_clean_in_train=cfg.use_clean_in_train,
+        train_size=cfg.train_size,
+        data_seed=cfg.data_seed,
         download=cfg.download,
         verify_checksums=cfg.verify_checksums,
     )
