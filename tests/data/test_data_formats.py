@@ -71,7 +71,16 @@ def test_missing_files_say_what_to_put_where(tmp_path):
     message = _one_line(err)
     for layout in ("mnist", "MNIST/raw", str(tmp_path)):
         assert layout in message
-    assert "t10k-images-idx3-ubyte" in message and "download" in message
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        assert f"{name}|{name}.gz" in message  # all four, not the first pair only
+    assert "--download" in message
+
+
+def test_mnist10k_needs_only_the_test_files(tmp_path):
+    with pytest.raises(DataError) as err:
+        build_task("mnist10k", data_dir=tmp_path)
+    message = _one_line(err)
+    assert "t10k-images-idx3-ubyte" in message and "train-images-idx3-ubyte|" not in message
 
 
 def test_no_data_dir_points_to_the_flag_and_the_variable(monkeypatch):

@@ -43,6 +43,19 @@ def test_malformed_specs_list_the_valid_forms(bad):
     assert "symR" in message and "aggre" in message and "noisy100" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("text, suggestion", [("sym0.2", "sym20"), ("unif0.4", "unif40"), ("pair0.45", "pair45")])
+def test_a_rate_given_for_a_percent_is_an_error_that_suggests_the_percent(text, suggestion):
+    with pytest.raises(ValueError, match=rf"{text}'?: R is a percent, so this would be .*% noise; for .*% write {suggestion} "):
+        NoiseSpec.parse(text)
+
+
+def test_a_percent_below_one_is_written_with_a_percent_sign():
+    spec = NoiseSpec.parse("sym0.5%")
+    assert spec == NoiseSpec("sym", 0.5) and spec.rate == pytest.approx(0.005) and str(spec) == "sym0.5%"
+    assert NoiseSpec.parse("sym20%") == NoiseSpec.parse("sym20") and str(NoiseSpec.parse("sym20%")) == "sym20"
+    assert NoiseSpec.parse("sym0") == NoiseSpec("sym", 0.0) and str(NoiseSpec.parse("sym0")) == "sym0"  # no noise needs no sign
+
+
 def test_non_string_spec_is_rejected():
     with pytest.raises(ValueError, match="string"):
         NoiseSpec.parse(80)

@@ -103,8 +103,8 @@ def test_without_train_size_nothing_changes(raw):
         (dict(train_size=3001), "--train-size 3001 exceeds the 3000 training examples"),
         (dict(train_size=7), "--train-size 7 is smaller than the 10 classes"),
         (dict(train_size=2010), r"needs 201 examples of class 0 .* has 200; at most 2000"),
-        (dict(train_size=1950, clean_size=100), r"trusted set needs 10 examples of class 0 .* outside the --train-size 1950 subset"),
-        (dict(train_size=1900, clean_size=50, val_size=1000), r"val split needs .* outside the --train-size 1900 subset"),
+        (dict(train_size=1950, clean_size=100), r"trusted set needs 10 examples of class 0 .* outside the --train-size 1950 subset; the largest it can be here is 50 \(--clean-size 50 or --clean-frac 0.02564\), or lower --train-size"),
+        (dict(train_size=1900, clean_size=50, val_size=1000), r"val split needs .* lower --val-size .*, or --train-size \(1900: the split is drawn from outside that subset\)"),
     ],
 )
 def test_bad_train_sizes_name_the_flag(raw, kwargs, message):

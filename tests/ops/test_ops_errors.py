@@ -39,15 +39,15 @@ CASES = [
     ("prepare num_classes<2", lambda: ops.fbr_prepare(x(3, 2), ints(0, 0, 0), 1), ValueError, r"num_classes must be >= 2"),
     ("prepare num_classes type", lambda: ops.fbr_prepare(x(3, 2), ints(0, 0, 0), 2.0), TypeError, r"num_classes must be an int"),
     ("prepare empty", lambda: ops.fbr_prepare(x(0, 2), ints(), 2), ValueError, r"clean set is empty"),
-    ("prepare label range", lambda: ops.fbr_prepare(x(3, 2), ints(0, 2, 1), 2), ValueError, r"fbr_prepare: clean_labels has values outside"),
-    ("prepare negative label", lambda: ops.fbr_prepare(x(3, 2), ints(0, -1, 1), 2), ValueError, r"clean_labels has values outside"),
+    ("prepare label range", lambda: ops.fbr_prepare(x(3, 2), ints(0, 2, 1), 2), ValueError, r"fbr_prepare: clean_labels must hold class ids in \[0, 1\]; clean_labels\[1\] is 2$"),
+    ("prepare negative label", lambda: ops.fbr_prepare(x(3, 2), ints(0, -1, 1), 2), ValueError, r"clean_labels must hold class ids in \[0, 1\]; clean_labels\[1\] is -1$"),
     ("prepare nan", lambda: ops.fbr_prepare(with_nan(x(3, 2)), ints(0, 1, 1), 2), ValueError, r"fbr_prepare: clean_feats contains non-finite"),
     ("prepare device mix", lambda: ops.fbr_prepare(x(3, 2, device="meta"), ints(0, 1, 1), 2), ValueError, r"one device; clean_feats is on meta"),
     # fbr_direction
     ("direction stats type", lambda: ops.fbr_direction(x(2, 3), ints(0, 1), {"mean": 0}), TypeError, r"stats must be the FBRStats"),
     ("direction feature dim", lambda: ops.fbr_direction(x(2, 4), ints(0, 1), STATS), ValueError, r"feats has 4 features but stats was prepared with 3"),
     ("direction dtype", lambda: ops.fbr_direction(x(2, 3, dtype=torch.float64), ints(0, 1), STATS), TypeError, r"feats has dtype torch.float64 but stats"),
-    ("direction labels", lambda: ops.fbr_direction(x(2, 3), ints(0, 3), STATS), ValueError, r"fbr_direction: labels has values outside"),
+    ("direction labels", lambda: ops.fbr_direction(x(2, 3), ints(0, 3), STATS), ValueError, r"fbr_direction: labels must hold class ids in \[0, 2\]; labels\[1\] is 3$"),
     ("direction nan", lambda: ops.fbr_direction(with_nan(x(2, 3), 4), ints(0, 1), STATS), ValueError, r"fbr_direction: feats contains non-finite"),
     ("direction inf", lambda: ops.fbr_direction(torch.tensor([[float("inf"), 0, 0]]), ints(0), STATS), ValueError, r"feats contains non-finite"),
     ("direction lambda", lambda: ops.fbr_direction(x(2, 3), ints(0, 1), STATS, lambda_pos=NAN), ValueError, r"lambda_pos must be finite"),
@@ -58,7 +58,7 @@ CASES = [
     ("update weights dtype", lambda: ops.fbr_update_(torch.zeros(3, dtype=torch.long), ints(0), x(1), 0.1), TypeError, r"fbr_update_: weights must be float32 or float64"),
     ("update weights 2-d", lambda: ops.fbr_update_(torch.zeros(3, 1), ints(0), x(1), 0.1), ValueError, r"weights must have 1 dimension"),
     ("update lengths", lambda: ops.fbr_update_(torch.zeros(3), ints(0, 1), x(1), 0.1), ValueError, r"direction has length 1 but index has 2"),
-    ("update index range", lambda: ops.fbr_update_(torch.zeros(3), ints(3), x(1), 0.1), ValueError, r"index has values outside"),
+    ("update index range", lambda: ops.fbr_update_(torch.zeros(3), ints(3), x(1), 0.1), ValueError, r"index must hold positions in \[0, 2\]; index\[0\] is 3$"),
     ("update step nan", lambda: ops.fbr_update_(torch.zeros(3), ints(0), x(1), NAN), ValueError, r"step_size must be finite"),
     ("update step type", lambda: ops.fbr_update_(torch.zeros(3), ints(0), x(1), None), TypeError, r"step_size must be a real number"),
     ("update device mix", lambda: ops.fbr_update_(torch.zeros(3), ints(0), x(1, device="meta"), 0.1), ValueError, r"direction is on meta"),
@@ -117,3 +117,21 @@ def test_meta_tensors_trace_through_fake_kernels():
         assert out.shape == (4, 6)
         k = torch.ops.nrcore.tangent_kernel(torch.empty(4, 3, 5), torch.empty(4, 3, 2), torch.empty(7, 1, 5), torch.empty(7, 1, 2), 0)
         assert k.shape == (4, 7)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_out_of_range_labels_and_indices_give_the_range_and_the_offender_on_both_paths(backend, monkeypatch):
+    from nrcore.ops import _backend
+
+    if backend == "reference":
+        monkeypatch.setattr(_backend, "_C", None)
+        monkeypatch.setattr(_backend, "_IMPORT_ERROR", ImportError("hidden for the test"))
+        monkeypatch.setattr(_backend, "_warned", {"missing"})  # the fallback warning is tested in test_ops_backend
+    elif ops.backend() != "compiled":
+        pytest.skip("no compiled module")
+    with pytest.raises(ValueError, match=r"^fbr_prepare: clean_labels must hold class ids in \[0, 2\]; clean_labels\[3\] is 7$"):
+        ops.fbr_prepare(x(5, 2), ints(0, 1, 2, 7, 9), 3)
+    with pytest.raises(ValueError, match=r"^fbr_direction: labels must hold class ids in \[0, 2\]; labels\[0\] is -4$"):
+        ops.fbr_direction(x(2, 3), ints(-4, 1), STATS)
+    with pytest.raises(ValueError, match=r"^fbr_update_: index must hold positions in \[0, 2\]; index\[1\] is 3$"):
+        ops.fbr_update_(torch.zeros(3), ints(0, 3), x(2), 0.1)

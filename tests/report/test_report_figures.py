@@ -126,3 +126,16 @@ def test_weight_pairs_figure_needs_true_labels(synthetic_runs, tmp_path):
     assert any("weight by label pair" in n and "fbr-seed0" in n and "unknown" in n for n in report.notes)
     assert not any(p.name.startswith("weight-pairs") for p in report.figures)
     assert not any("fbr-seed1" in n for n in report.notes)
+
+
+def test_figure_legends_count_a_copied_run_once(synthetic_runs, tmp_path, monkeypatch):
+    import nrcore.report.figures as figures
+
+    shutil.copytree(synthetic_runs / "digits-sym80-ce-seed0", synthetic_runs / "ce-copy")
+    legends = []
+    original = figures._legend_right
+    monkeypatch.setattr(figures, "_legend_right", lambda fig, handles, names: (legends.append(list(names)), original(fig, handles, names)))
+    report = render_report([synthetic_runs], tmp_path / "out")
+    accuracy = next(names for names in legends if any(n.startswith("ce ") for n in names))
+    assert "ce (2 seeds)" in accuracy, accuracy
+    assert any("ce-copy" in n and "counted once" in n for n in report.notes)

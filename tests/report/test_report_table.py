@@ -91,3 +91,26 @@ def test_table_cli_errors(tmp_path):
 
     result = CliRunner().invoke(cli, ["table", str(tmp_path)])
     assert result.exit_code != 0 and "no run directories" in result.output
+
+
+def test_a_copied_run_counts_once_and_the_note_says_which(make_run, tmp_path):
+    import shutil
+
+    first = make_run(tmp_path / "runs", "ce", "sym80", 0, test_acc=[50.0, 60.0], val_acc=[50.0, 61.0], test_acc_best_val=60.0)
+    make_run(tmp_path / "runs", "ce", "sym80", 1, test_acc=[50.0, 64.0], val_acc=[50.0, 61.0], test_acc_best_val=64.0)
+    shutil.copytree(first, tmp_path / "runs" / "zz-copy")
+    text, notes = make_table([tmp_path / "runs"], "csv")
+    row = rows_by_method(text)["ce"]
+    assert row["seeds"] == "2" and row["seed_list"] == "[0,1]"
+    assert float(row["test_acc_last_mean"]) == pytest.approx(62.0)  # not (60 + 60 + 64) / 3
+    assert [n for n in notes if "zz-copy" in n] == [
+        f"skipped {(tmp_path / 'runs' / 'zz-copy').resolve()}: the same run as {first.resolve()} (same settings, seed 0); "
+        f"counted once, using {first.resolve()}"
+    ]
+
+
+def test_the_same_seed_with_other_settings_is_not_a_duplicate(make_run, tmp_path):
+    make_run(tmp_path, "ce", "sym80", 0, test_acc=[50.0], name="bs64")
+    make_run(tmp_path, "ce", "sym80", 0, test_acc=[52.0], name="bs32", batch_size=32)
+    text, notes = make_table([tmp_path], "csv")
+    assert len(list(csv.DictReader(io.StringIO(text)))) == 2 and not notes  # two rows, one per batch size

@@ -31,6 +31,8 @@ def _run(argv, capsys):
         (["train", "--config", "{tmp}/missing.json"], "--config"),
         (["train", "--resume", "{tmp}/nothing-here"], "--resume"),
         (["train", "--lr", "nan"], "--lr must be > 0"),
+        (["train", "--stop-after-epoch", "0"], "--stop-after-epoch must be >= 1"),
+        (["train", "--noise", "sym0.2"], "for 20% write sym20"),
         (["train", "--gamma", "0"], "--gamma must be > 0"),
         (["train", "--method", "ebomlc", "--delta", "nan"], "--delta must be a finite number"),  # any method's float option
         (["train", "--method", "meta", "--beta", "inf"], "--beta must be a finite number"),
@@ -49,6 +51,7 @@ def test_bad_options_print_one_line_and_exit_nonzero(argv, fragment, capsys, tmp
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("error:") and fragment in lines[0], err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_method_option_for_another_method_is_rejected(capsys, tmp_path):

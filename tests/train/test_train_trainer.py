@@ -167,6 +167,54 @@ def test_method_needing_trusted_set_without_one_is_refused(tmp_path):
         train(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(dataset="mnist", data_dir="{tmp}/empty"), "mnist"),  # no data files
+        (dict(clean_size=5000), "trusted set needs"),  # split sizes
+        (dict(noise="worst"), "uses the real labels of cifar10n"),  # a noise the dataset cannot provide
+        (dict(method="fbr", method_options={"step_size": -1.0}), "--step-size must be >= 0"),  # the method's own check
+    ],
+)
+def test_bad_input_is_refused_before_the_run_directory_is_made(tmp_path, over, message):
+    (tmp_path / "empty").mkdir()
+    over = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in over.items()}
+    cfg = _cfg(**{"method": "ce", "epochs": 1, **over})
+    with pytest.raises(ValueError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_mid_training_records_why_and_table_says_so(tmp_path, exploding_method, monkeypatch):
+    from nrcore.report.table import make_table
+
+    Exploding = _REGISTRY[exploding_method]
+
+    def broken_step(self, batch, clean):
+        if self.epoch >= 1:  # the second epoch
+            raise RuntimeError("out of memory (simulated)")
+        return StepOutput(loss=torch.nn.functional.cross_entropy(self.model(batch.x), batch.y).detach())
+
+    monkeypatch.setattr(Exploding, "start_epoch", lambda self, epoch: setattr(self, "epoch", epoch))
+    monkeypatch.setattr(Exploding, "train_step", broken_step)
+    run_dir = tmp_path / "runs" / "failing"
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(_cfg(method=exploding_method), run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed: RuntimeError: out of memory (simulated)"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1 intact
+    train(_cfg(method="ce", epochs=1), tmp_path / "runs" / "ok")
+    _, notes = make_table([str(tmp_path / "runs")])
+    assert any("failing: failed: RuntimeError: out of memory (simulated)" in n for n in notes), notes
+
+
+def test_an_empty_checkpoint_says_so_and_what_to_do(tmp_path):
+    train(_cfg(method="ce", epochs=1), tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is empty \(0 bytes\).*restore it from a copy, or start over with another --out"):
+        train(_cfg(method="ce", epochs=2), tmp_path / "run", resume=True)
+
+
 def test_auroc_matches_pairwise_definition_with_ties():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (60,), generator=g).float()  # many ties

@@ -230,6 +230,8 @@ def _pool(images: np.ndarray, labels: np.ndarray, source_index: Optional[np.ndar
 
 def _load_idx_dataset(name: str, data_dir: Path, verify: bool) -> RawDataset:
     family = "fashion-mnist" if name == "fashion-mnist" else "mnist"
+    # every file the dataset needs in one search, so a missing-data error names them all
+    find_layout(data_dir, name, IDX_FOLDERS[family], _idx_names("t10k") + ([] if name == "mnist10k" else _idx_names("train")))
     files: List[FileRecord] = []
     notes: Dict[str, object] = {}
     test_x, test_y = _read_idx_pair(family, name, data_dir, "t10k", verify, files)
@@ -652,12 +654,12 @@ def fetch_with_torchvision(name: str, data_dir: Path) -> None:
     """Fetch `name`'s official files into data_dir with torchvision (its layouts are among
     those we search). CIFAR-N label files and Clothing1M cannot be downloaded this way."""
     if name not in TORCHVISION_DATASETS:
-        raise DataError(f"{name}: download=True cannot fetch it (torchvision does not know it); {LAYOUT_HINTS[name]}")
+        raise DataError(f"{name}: --download (download=True) cannot fetch it (torchvision does not know it); {LAYOUT_HINTS[name]}")
     try:
         import torchvision.datasets as tv_datasets
     except Exception as exc:  # PyPI torchvision can fail to import against a CPU torch
         raise DataError(
-            f"{name}: download=True needs an importable torchvision (pip install 'nrcore[vision]'; import failed: {type(exc).__name__}: {exc}); "
+            f"{name}: --download (download=True) needs an importable torchvision (pip install 'nrcore[vision]'; import failed: {type(exc).__name__}: {exc}); "
             f"or {LAYOUT_HINTS[name]}"
         ) from None
     cls = getattr(tv_datasets, TORCHVISION_DATASETS[name])
@@ -692,7 +694,7 @@ def load_dataset(name: str, data_dir=None, *, download: bool = False, verify_che
         return LOADERS[name](name, root, verify_checksums)
     except MissingDataError as missing:
         if not download:
-            offer = " (or pass download=True with torchvision installed)" if name in TORCHVISION_DATASETS else ""
+            offer = " (or pass --download, download=True in Python, with torchvision installed)" if name in TORCHVISION_DATASETS else ""
             raise MissingDataError(f"{missing}; {LAYOUT_HINTS[name]}{offer}") from None
     fetch_with_torchvision(name, root)
     return LOADERS[name](name, root, verify_checksums)

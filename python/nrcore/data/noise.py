@@ -31,12 +31,13 @@ REAL_LABEL_SPECS = {
 CIFAR10_ASYM_TARGETS = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
 VALID_FORMS = (
-    "clean; symR, unifR, asymR, pairR, flipR with R the noise percent 0-100 (e.g. sym80, asym40, pair45, unif12.5); "
+    "clean; symR, unifR, asymR, pairR, flipR with R the noise percent 0-100 (e.g. sym80, asym40, pair45, unif12.5; "
+    "a percent below 1 is written with %, e.g. sym0.5%); "
     "real CIFAR-10N labels: aggre, random1, random2, random3, worst; CIFAR-100N: noisy100; "
     "the dataset's own labels (clothing1m, custom): real"
 )
 
-_SYNTHETIC_RE = re.compile(r"^(sym|unif|asym|pair|flip)(\d+(?:\.\d+)?)$")
+_SYNTHETIC_RE = re.compile(r"^(sym|unif|asym|pair|flip)(\d+(?:\.\d+)?)(%?)$")
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,19 @@ class NoiseSpec:
         match = _SYNTHETIC_RE.match(text)
         if match is None:
             raise ValueError(f"malformed noise spec {spec!r}; valid: {VALID_FORMS}")
-        return cls(match.group(1), float(match.group(2)))
+        kind, percent, explicit = match.group(1), float(match.group(2)), match.group(3)
+        if 0 < percent < 1 and not explicit:  # almost always a rate written for a percent
+            raise ValueError(
+                f"noise {spec!r}: R is a percent, so this would be {percent:g}% noise; for {100 * percent:g}% write "
+                f"{kind}{100 * percent:g} (for {percent:g}% write {kind}{percent:g}%)"
+            )
+        return cls(kind, percent)
 
     def __str__(self) -> str:
         if self.percent is None:
             return self.kind
-        return self.kind + np.format_float_positional(self.percent, trim="-")  # shortest exact: 80, 12.5
+        below_one = "%" if 0 < self.percent < 1 else ""  # sym0.5%: see parse
+        return self.kind + np.format_float_positional(self.percent, trim="-") + below_one  # shortest exact: 80, 12.5
 
     @property
     def rate(self) -> Optional[float]:

@@ -58,21 +58,30 @@ def stratified_holdout(labels: np.ndarray, num_classes: int, n_holdout: int, gen
     return np.sort(rest), np.sort(holdout)
 
 
-def per_class_trusted_count(clean_size: int, num_classes: int) -> int:
+def per_class_trusted_count(clean_size: float, num_classes: int) -> int:
     """Whole examples per class for a requested trusted-set size (rounded half up)."""
     per_class = int(clean_size / num_classes + 0.5)
     if per_class < 1:
         raise ValueError(
-            f"clean size {clean_size} rounds to 0 examples per class over {num_classes} classes; ask for at least {(num_classes + 1) // 2}"
+            f"a trusted set of {clean_size:g} examples rounds to 0 per class over {num_classes} classes; "
+            f"ask for at least {(num_classes + 1) // 2} (--clean-size, or a larger --clean-frac)"
         )
     return per_class
+
+
+def largest_trusted_set(orders: List[np.ndarray]) -> int:
+    """The largest class-balanced trusted set these class orders can give."""
+    return len(orders) * min(len(o) for o in orders)
 
 
 def draw_trusted(orders: List[np.ndarray], per_class: int) -> np.ndarray:
     """The first `per_class` of every class order (sorted indices)."""
     for c, order in enumerate(orders):
         if len(order) < per_class:
-            raise ValueError(f"the trusted set needs {per_class} examples of class {c} but only {len(order)} are available")
+            raise ValueError(
+                f"the trusted set needs {per_class} examples of class {c} but only {len(order)} are available; "
+                f"--clean-size can be at most {largest_trusted_set(orders)} here"
+            )
     return np.sort(np.concatenate([order[:per_class] for order in orders]))
 
 
@@ -83,12 +92,15 @@ def draw_val(orders: List[np.ndarray], size: int, taken: Optional[np.ndarray] = 
     Returns (sorted indices, per-class counts)."""
     counts = np.array([len(o) for o in orders])
     if size > counts.sum():
-        raise ValueError(f"val size {size} exceeds the {int(counts.sum())} examples available")
+        raise ValueError(f"val size {size} exceeds the {int(counts.sum())} examples available (--val-size)")
     quotas = largest_remainder(counts, size)
     chosen = []
     for c, (order, quota) in enumerate(zip(orders, quotas)):
         available = order if taken is None else order[~np.isin(order, taken)]
         if quota > len(available):
-            raise ValueError(f"the val split needs {quota} examples of class {c} but only {len(available)} are left after the trusted set")
+            raise ValueError(
+                f"the val split needs {quota} examples of class {c} but only {len(available)} are left after the trusted set; "
+                "lower --val-size or the trusted set (--clean-size/--clean-frac)"
+            )
         chosen.append(available[len(available) - quota :])
     return np.sort(np.concatenate(chosen)), quotas

@@ -33,7 +33,7 @@ from nrcore.data.noise import (
     expected_noise_rate,
     sample_noisy_labels,
 )
-from nrcore.data.splits import class_orders, draw_trusted, draw_val, per_class_trusted_count, seeded_generator
+from nrcore.data.splits import class_orders, draw_trusted, draw_val, largest_trusted_set, per_class_trusted_count, seeded_generator
 from nrcore.data.types import SPLIT_NAMES, Split, Task
 
 # Datasets whose labels come from files of real noisy labels: the specs they accept.
@@ -58,14 +58,14 @@ def check_noise_for_dataset(spec: NoiseSpec, dataset: str) -> None:
 def _trusted_request(clean_size, clean_frac, base: int) -> Optional[float]:
     """The requested trusted-set size in examples (None: no trusted set)."""
     if clean_size is not None and clean_frac is not None:
-        raise ValueError("give clean_size or clean_frac, not both")
+        raise ValueError("give clean_size (--clean-size) or clean_frac (--clean-frac), not both")
     if clean_size is not None:
         if isinstance(clean_size, bool) or not isinstance(clean_size, (int, np.integer)) or clean_size < 0:
-            raise ValueError(f"clean_size must be a non-negative int, got {clean_size!r}")
+            raise ValueError(f"clean_size (--clean-size) must be a non-negative int, got {clean_size!r}")
         return float(clean_size) or None
     if clean_frac is not None:
         if not 0.0 <= float(clean_frac) < 1.0:
-            raise ValueError(f"clean_frac must be in [0, 1), got {clean_frac!r}")
+            raise ValueError(f"clean_frac (--clean-frac) must be in [0, 1), got {clean_frac!r}")
         return float(clean_frac) * base or None
     return None
 
@@ -193,17 +193,14 @@ def _draw_train_subset(raw: RawDataset, original: np.ndarray, noisy_candidates: 
 
 
 def _outside_subset(error: ValueError, train_size: Optional[int]) -> ValueError:
-    """A trusted/validation draw that failed for lack of examples, said in terms of --train-size."""
+    """A validation draw that failed for lack of examples, said in terms of --train-size."""
     if train_size is None:
         return error
-    return ValueError(
-        f"{error} outside the --train-size {train_size} subset; lower --train-size, or the trusted set "
-        "(--clean-size/--clean-frac) or validation split (--val-size)"
-    )
+    return ValueError(f"{error}, or --train-size ({train_size}: the split is drawn from outside that subset)")
 
 
-def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[float], seed: int, train_size: Optional[int] = None,
-                  exclude: Optional[np.ndarray] = None):
+def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[float], seed: int, base: int,
+                  train_size: Optional[int] = None, exclude: Optional[np.ndarray] = None):
     """(trusted indices, per-class count or None); `exclude` marks pool examples it may not take
     (the `train_size` subset)."""
     if raw.fixed_trusted is not None:
@@ -219,10 +216,16 @@ def _draw_trusted(raw: RawDataset, original: np.ndarray, requested: Optional[flo
     if not candidates.any():
         raise DataError(f"{raw.name}: no example has a known clean label to draw a trusted set from (give y_true or mark trusted rows)")
     orders = class_orders(original, raw.num_classes, seeded_generator(seed, "split"), candidates)
-    try:
-        return draw_trusted(orders, per_class), per_class
-    except ValueError as exc:
-        raise _outside_subset(exc, train_size) from None
+    short = next(((c, len(o)) for c, o in enumerate(orders) if len(o) < per_class), None)
+    if short is not None:
+        largest = largest_trusted_set(orders)
+        where = f" outside the --train-size {train_size} subset" if train_size is not None else ""
+        lower = ", or lower --train-size" if train_size is not None else ""
+        raise ValueError(
+            f"the trusted set needs {per_class} examples of class {short[0]} but only {short[1]} are available{where}; "
+            f"the largest it can be here is {largest} (--clean-size {largest} or --clean-frac {largest / base:.4g}){lower}"
+        )
+    return draw_trusted(orders, per_class), per_class
 
 
 def _noisy_labels(raw: RawDataset, spec: NoiseSpec, original: np.ndarray, noisy_idx: np.ndarray, seed: int):
@@ -281,7 +284,7 @@ def task_from_dataset(
         raise ValueError("use_clean_in_train needs a trusted set (clean_size or clean_frac)")
 
     # 1. trusted set; 2. clean validation split
-    trusted, per_class = _draw_trusted(raw, original, requested, seed, train_size, exclude=subset)
+    trusted, per_class = _draw_trusted(raw, original, requested, seed, base, train_size, exclude=subset)
     n_val = _val_count(val_size, base)
     val = val_counts = None
     if n_val:

@@ -218,7 +218,7 @@ class TransitionCorrection(Method):
 
     def save_artifacts(self, run_dir: Path) -> None:
         """transition.json: the matrix used for the correction (and the true one, if known)."""
-        from nrcore.train.checkpoint import atomic_write_json
+        from nrcore.atomic import atomic_write_json
 
         truth = self.ctx.task.transition_matrix
         atomic_write_json(

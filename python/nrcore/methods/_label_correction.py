@@ -290,7 +290,7 @@ class LabelCorrectionMethod(Method):
         return {"confusion": confusion(corrected), "noisy_confusion": confusion(noisy)}
 
     def save_artifacts(self, run_dir: Path) -> None:
-        from nrcore.train.checkpoint import atomic_write_bytes
+        from nrcore.atomic import atomic_write_bytes
 
         arrays = self.corrected_label_confusion()
         atomic_write_bytes(Path(run_dir) / ARTIFACT, lambda f: np.savez(f, **arrays))

@@ -22,9 +22,20 @@ from nrcore.ops._types import FBRStats
 Tensor = torch.Tensor
 
 
-def _raise(op: str, status: int, *, labels: str, named=()) -> None:
+def _out_of_range(op: str, name: str, values: Tensor, upper: int) -> B.OpError:
+    """The error for integer `values` outside [0, upper): the valid range and the first offender
+    (read on the host: this is the error path, where a sync costs nothing that matters)."""
+    bad = ((values < 0) | (values >= upper)).nonzero()
+    where = f"; {name}[{int(bad[0, 0])}] is {int(values[bad[0, 0]])}" if len(bad) else ""
+    what = "class ids" if "label" in name else "positions"
+    return B.OpError(f"{op}: {name} must hold {what} in [0, {upper - 1}]{where}")
+
+
+def _raise(op: str, status: int, *, labels: Tuple[str, Tensor, int], named=()) -> None:
+    """Turn a compiled kernel's status word into an error; `labels` is (name, tensor, upper
+    bound) of the integer argument the kernel range-checks."""
     if status & B.BAD_INDEX:
-        raise B.OpError(f"{op}: {labels} has values outside its valid range")
+        raise _out_of_range(op, *labels)
     if status & B.DUPLICATE_INDEX:
         raise B.OpError(f"{op}: index contains duplicate entries")
     if status & B.NON_FINITE:
@@ -36,7 +47,7 @@ def _raise(op: str, status: int, *, labels: str, named=()) -> None:
 def _check_labels(op: str, name: str, labels: Tensor, upper: int) -> None:
     """Reference-path data check (the compiled kernels check as they go)."""
     if labels.numel() and (bool((labels < 0).any()) or bool((labels >= upper).any())):
-        raise B.OpError(f"{op}: {name} has values outside [0, {upper})")
+        raise _out_of_range(op, name, labels, upper)
 
 
 def _check_finite(op: str, out: Tensor, named) -> None:
@@ -71,7 +82,7 @@ def _fbr_prepare_impl(clean_feats: Tensor, clean_labels: Tensor, num_classes: in
     )
     if dev >= 0:
         B.check_errors(clean_feats.device)  # once per epoch: a sync is fine here
-    _raise(op, status, labels="clean_labels", named=[("clean_feats", clean_feats)])
+    _raise(op, status, labels=("clean_labels", clean_labels, num_classes), named=[("clean_feats", clean_feats)])
     return mean, basis_t, counts, sq
 
 
@@ -163,7 +174,7 @@ def _fbr_direction_impl(
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
-    _raise(op, status, labels="labels", named=named)
+    _raise(op, status, labels=("labels", labels, C), named=named)
     return out
 
 
@@ -247,7 +258,7 @@ def _fbr_update_impl(weights: Tensor, index: Tensor, direction: Tensor, step_siz
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
-    _raise(op, status, labels="index", named=[("direction", direction)])
+    _raise(op, status, labels=("index", index, weights.shape[0]), named=[("direction", direction)])
 
 
 _fbr_update_op = torch.library.custom_op("nrcore::fbr_update_", _fbr_update_impl, mutates_args=("weights",))

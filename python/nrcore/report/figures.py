@@ -387,7 +387,7 @@ class Report:
 
 def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = False) -> Report:
     """Figures and index.md for the finished runs at or below `paths`."""
-    from nrcore.report.table import build_rows, duplicate_seed_notes, format_markdown
+    from nrcore.report.table import build_rows, format_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +398,6 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
     rows = group_runs(finished)
     report = Report(out=out, index=out / "index.md", notes=notes)
     table_rows = build_rows(finished)
-    report.notes += duplicate_seed_notes(table_rows)
 
     md = [
         "# nrcore report",

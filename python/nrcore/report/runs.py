@@ -78,6 +78,12 @@ class Run:
         """The config keys that change results, other than the row key (hashable)."""
         return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in self.config.items() if k not in NOT_A_SETTING))
 
+    @property
+    def identity(self) -> Tuple:
+        """What fixes a run's numbers: row key fields, method options, settings and seed."""
+        options = json.dumps(self.method_options, sort_keys=True)
+        return (self.dataset, self.noise, self.model, self.method, options, self.settings, self.seed)
+
     @cached_property
     def metrics(self) -> List[Dict[str, Any]]:
         path = self.path / "metrics.jsonl"
@@ -181,10 +187,19 @@ def find_runs(paths: Iterable[str | Path]) -> List[Run]:
 
 
 def split_finished(runs: List[Run]) -> Tuple[List[Run], List[str]]:
-    """(finished runs, one note per skipped run)."""
-    done = [r for r in runs if r.finished]
+    """(finished runs, one note per skipped run). A finished run that repeats another's
+    settings and seed (a copied run directory, or the same grid cell run twice) computes the
+    same numbers, so it would pose as a second seed: it counts once, the first by path, and a
+    note says which was used."""
+    done: Dict[Tuple, Run] = {}
     notes = [f"skipped {r.path}: {r.status}" for r in runs if not r.finished]
-    return done, notes
+    for run in runs:
+        if not run.finished:
+            continue
+        first = done.setdefault(run.identity, run)
+        if first is not run:
+            notes.append(f"skipped {run.path}: the same run as {first.path} (same settings, seed {run.seed}); counted once, using {first.path}")
+    return list(done.values()), notes
 
 
 # ---- grouping -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from nrcore.report.runs import Run, RowKey, find_runs, group_runs, split_finished
 
@@ -125,21 +125,6 @@ def _baseline_for(row: Row, rows: List[Row]) -> Optional[Row]:
     return (same_settings or candidates or [None])[0]
 
 
-def duplicate_seed_notes(rows: List[Row]) -> List[str]:
-    notes = []
-    for row in rows:
-        seen: Dict[int, str] = {}
-        for run in row.runs:
-            if run.seed in seen:
-                notes.append(f"{_row_name(row)}: seed {run.seed} appears twice ({seen[run.seed]} and {run.path}); both are averaged in")
-            seen[run.seed] = str(run.path)
-    return notes
-
-
-def _row_name(row: Row) -> str:
-    return f"{row.key.dataset}/{row.key.noise}/{row.key.model}/{row.key.label}"
-
-
 # ---- formatting ---------------------------------------------------------------------------
 COLUMNS = ("dataset", "noise", "model", "method", "seeds", "test acc last (%)", "test acc @ best val (%)", "weight AUROC", "ms/step", "÷ ce")
 
@@ -217,6 +202,5 @@ def make_table(paths: Sequence[str], fmt: str = "md") -> tuple[str, List[str]]:
     if not finished:
         raise ValueError(f"none of the {len(notes)} runs found is finished; " + "; ".join(notes[:3]))
     rows = build_rows(finished)
-    notes = notes + duplicate_seed_notes(rows)
     text = format_markdown(rows, notes) if fmt == "md" else format_csv(rows)
     return text, notes

@@ -31,7 +31,8 @@ import torch
 
 import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
-from nrcore.train.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from nrcore.atomic import atomic_write_bytes, atomic_write_json
+from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
 from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor
 from nrcore.train.metrics import evaluate, weight_stats
 from nrcore.train.progress import Progress
@@ -114,18 +115,21 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self._prepare_run_dir()
+        if self.stop_after_epoch is not None and (isinstance(self.stop_after_epoch, bool) or self.stop_after_epoch < 1):
+            raise ValueError(f"--stop-after-epoch must be >= 1 (the epochs done when the run stops), got {self.stop_after_epoch}")
+        self._check_run_dir()
 
         from nrcore.data import save_task_labels
         from nrcore.models import build_model
 
+        # Everything that can fail on bad input (data files, noise, split sizes, the method's own
+        # option checks) runs before the run directory is made, so a refused run leaves nothing
+        # that `nrcore table` would call interrupted.
         cls = get_method(cfg.method)
         task = build_run_task(cfg)
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
         self.task = task
-        if not self.resume:
-            save_task_labels(task, self.run_dir)
 
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         ctx = MethodContext(
@@ -141,6 +145,9 @@ class Trainer:
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
         self.total_epochs = self.method.num_epochs(cfg.epochs)
+        if not self.resume:
+            self._create_run_dir()
+            save_task_labels(task, self.run_dir)
 
         self.history: List[Dict[str, Any]] = []
         self.trajectory: List[torch.Tensor] = []
@@ -158,26 +165,29 @@ class Trainer:
                 if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch and epoch + 1 < self.total_epochs:
                     status = f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {self.run_dir}"
                     break
+            if status == "finished":
+                self.method.save_artifacts(self.run_dir)
         except NonFiniteLossError as exc:
             self._write_summary(status=f"diverged: {exc}")
             raise
-        if status == "finished":
-            self.method.save_artifacts(self.run_dir)
+        except Exception as exc:  # the reason stays with the run; the last checkpoint is intact
+            self._write_summary(status=f"failed: {type(exc).__name__}: {exc}")
+            raise
         return self._write_summary(status=status)
 
     # ------------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
+    def _check_run_dir(self) -> None:
+        """Refuse a missing --resume directory or an --out that holds a run; creates nothing."""
         run_dir = self.run_dir
         if self.resume:
             if not run_dir.is_dir():
                 raise ValueError(f"--resume: no run directory {str(run_dir)!r}")
-        else:
-            if run_dir.exists() and any((run_dir / f).exists() for f in ("checkpoint.pt", "metrics.jsonl", "summary.json")):
-                raise ValueError(
-                    f"--out {str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or choose another --out"
-                )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "config.json", self.cfg.to_dict())
+        elif run_dir.exists() and any((run_dir / f).exists() for f in ("checkpoint.pt", "metrics.jsonl", "summary.json")):
+            raise ValueError(f"--out {str(run_dir)!r} already holds a run; continue it with --resume {run_dir} or choose another --out")
+
+    def _create_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", self.cfg.to_dict())
 
     def _banner(self, start_epoch: int) -> str:
         t, cfg = self.task, self.cfg
