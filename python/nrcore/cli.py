@@ -54,8 +54,10 @@ def cli():
 
 
 # ---- option plumbing ----------------------------------------------------------------------
-def _method_option_decorators():
-    """One click option per distinct method option name (shared names must agree on type)."""
+def _method_option_decorators(shown_method=None):
+    """One click option per distinct method option name (shared names must agree on type). All
+    of them parse; `--help` lists only those of `shown_method` (`nrcore train --method M --help`),
+    so the plain `--help` stays the common flags."""
     from nrcore.methods import registry
 
     by_name: Dict[str, Dict[str, Any]] = {}
@@ -69,16 +71,43 @@ def _method_option_decorators():
     for name, entry in sorted(by_name.items()):
         opt = entry["opt"]
         defaults = "; ".join(f"{m}: {o.default}" for m, o in entry["methods"])
-        help_text = f"[{', '.join(m for m, _ in entry['methods'])}] {opt.help} (default {defaults})"
+        owners = dict(entry["methods"])
+        if shown_method in owners:
+            help_text = f"[{shown_method}] {owners[shown_method].help} (default {owners[shown_method].default})"
+        else:
+            help_text = f"[{', '.join(owners)}] {opt.help} (default {defaults})"
+        hidden = shown_method not in owners
         flag = opt.flag
         if opt.type is bool:
             decl = f"{flag}/--no-{flag[2:]}"
-            decorators.append(click.option(decl, name, default=None, help=help_text))
+            decorators.append(click.option(decl, name, default=None, help=help_text, hidden=hidden))
         elif isinstance(opt.type, tuple):
-            decorators.append(click.option(flag, name, type=click.Choice(opt.type), default=None, help=help_text))
+            decorators.append(click.option(flag, name, type=click.Choice(opt.type), default=None, help=help_text, hidden=hidden))
         else:
-            decorators.append(click.option(flag, name, type=opt.type, default=None, help=help_text))
+            decorators.append(click.option(flag, name, type=opt.type, default=None, help=help_text, hidden=hidden))
     return decorators, set(by_name)
+
+
+def _method_in_argv(argv) -> "str | None":
+    """The method an argument list names, by --method M (or --method=M) or by a --preset that
+    selects one: whose own flags `nrcore train --help` lists."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "train":
+        return None
+    found = {}
+    for i, arg in enumerate(argv):
+        for flag in ("--method", "--preset"):
+            if arg == flag and i + 1 < len(argv):
+                found[flag] = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                found[flag] = arg.split("=", 1)[1]
+    if "--method" in found:
+        return found["--method"]
+    if "--preset" in found:
+        from nrcore.train.presets import all_presets
+
+        return all_presets().get(found["--preset"], {}).get("method")
+    return None
 
 
 def _int_list(ctx, param, value):
@@ -104,6 +133,10 @@ Noise specs: clean, symR, unifR, asymR, pairR, flipR (R in percent, e.g. sym80),
 CIFAR-N real label sets aggre, random1..3, worst, noisy100.
 
 \b
+Each method's own flags (--xi, --step-size, --forget-rate, ...) are listed by
+  nrcore train --method M --help        (or: nrcore methods M)
+
+\b
 RUN_DIR (--out) receives:
   config.json     resolved settings           metrics.jsonl  one line per epoch
   summary.json    final numbers + config      checkpoint.pt  resume point (atomic)
@@ -111,8 +144,8 @@ RUN_DIR (--out) receives:
 """
 
 
-def _train_command():
-    method_decorators, method_option_names = _method_option_decorators()
+def _train_command(shown_method=None):
+    method_decorators, method_option_names = _method_option_decorators(shown_method)
 
     @click.command("train", help=_TRAIN_HELP, context_settings={"max_content_width": 100})
     @click.option("--method", default=None, help="Training method (see `nrcore methods`). Default: ce.")
@@ -218,12 +251,17 @@ def _default_run_dir(cfg) -> Path:
 
 # ---- listing commands -------------------------------------------------------------------
 @cli.command("methods")
+@click.argument("names", nargs=-1)
 @click.option("-v", "--verbose", is_flag=True, help="Also list each method's options and presets.")
-def methods_cmd(verbose):
-    """List the training methods, one line each, with the paper each comes from."""
-    from nrcore.methods import registry
+def methods_cmd(names, verbose):
+    """List the training methods, one line each, with the paper each comes from; with NAMES,
+    those methods with their options (their `nrcore train` flags) and presets."""
+    from nrcore.methods import get_method, registry
 
     reg = registry()
+    if names:
+        reg = {name: get_method(name) for name in names}  # an unknown name: one-line error listing the methods
+        verbose = True
     width = max(len(n) for n in reg)
     for name, cls in reg.items():
         clean = " [trusted set]" if cls.needs_clean else ""
@@ -247,7 +285,7 @@ def presets_cmd():
 
 def main(argv=None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
-    cli.add_command(_train_command())
+    cli.add_command(_train_command(_method_in_argv(argv)))
     try:
         rv = cli.main(args=argv, prog_name="nrcore", standalone_mode=False)
     except click.exceptions.Exit as exc:

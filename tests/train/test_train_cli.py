@@ -102,14 +102,49 @@ def test_methods_lists_every_registered_method_with_its_paper(capsys):
         assert cls.paper in line
 
 
-def test_train_help_lists_every_method_option(capsys):
+def _flags_in(help_text):
+    return {word.split("/")[0] for line in help_text.splitlines() for word in line.split()[:1] if word.startswith("--")}
+
+
+def test_train_help_keeps_to_the_common_flags_and_says_where_the_rest_are(capsys):
     from nrcore.methods import registry
 
     code, out, _ = _run(["train", "--help"], capsys)
+    assert code == 0 and "nrcore train --method M --help" in out
+    method_flags = {opt.flag for cls in registry().values() for opt in cls.options}
+    assert not _flags_in(out) & method_flags  # none of the methods' own flags
+    assert {"--method", "--dataset", "--noise", "--train-size", "--resume"} <= _flags_in(out)
+    assert len(out.splitlines()) < 130
+
+
+@pytest.mark.parametrize("argv", [["--method", "ebomlc"], ["--method=ebomlc"], ["--preset", "ebomlc-cifar10"]])
+def test_train_help_for_a_method_lists_exactly_its_own_flags(argv, capsys):
+    from nrcore.methods import get_method, registry
+
+    code, out, _ = _run(["train", *argv, "--help"], capsys)
     assert code == 0
-    for cls in registry().values():
-        for opt in cls.options:
-            assert opt.flag in out
+    own = {opt.flag for opt in get_method("ebomlc").options}
+    others = {opt.flag for cls in registry().values() for opt in cls.options} - own
+    assert own <= _flags_in(out) and not _flags_in(out) & others
+    assert "[ebomlc]" in out
+
+
+def test_methods_with_a_name_lists_its_options_and_presets(capsys):
+    from nrcore.methods import get_method
+
+    code, out, _ = _run(["methods", "fbr"], capsys)
+    assert code == 0 and out.splitlines()[0].startswith("fbr ")
+    for opt in get_method("fbr").options:
+        assert opt.flag in out
+    assert "preset fbr-cifar10" in out and "coteaching" not in out
+    code, _, err = _run(["methods", "nope"], capsys)
+    assert code != 0 and "unknown method 'nope'" in err
+
+
+def test_hidden_method_flags_still_parse(tmp_path, capsys):
+    code, _, err = _run(["train", "--method", "fbr", "--step-size", "0.5", "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["method_options"]["step_size"] == 0.5
 
 
 def test_cli_train_end_to_end_quiet(tmp_path, capsys):
