@@ -51,7 +51,7 @@ def positive_pairs(means: torch.Tensor, given: np.ndarray, true: np.ndarray) -> 
 def run_report(run) -> Dict[str, float]:
     """The numbers above for one finished run (a nrcore.report.runs.Run with weights and labels)."""
     from nrcore.data import load_task_labels
-    from nrcore.methods._reweighting import split_features
+    from nrcore.models.inference import split_features
     from nrcore.train.metrics import auroc
     from nrcore.train.trainer import load_final_model
 

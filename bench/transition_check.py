@@ -58,7 +58,7 @@ def transition_report(run_dir: Path) -> Dict:
 
 def model_report(run_dir: Path) -> Dict:
     """Test accuracy, never-predicted classes and per-class recall of the run's final network."""
-    from nrcore.methods._baselines import predict_split
+    from nrcore.models.inference import predict_split
     from nrcore.train.trainer import load_final_model
 
     _, task, model = load_final_model(run_dir)

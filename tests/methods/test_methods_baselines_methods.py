@@ -13,7 +13,8 @@ from torch import nn
 
 from nrcore.data.types import Batch, Split
 from nrcore.methods import MethodContext, OptimConfig
-from nrcore.methods._baselines import anchor_point_transition, forward_corrected_nll, predict_examples, predict_split
+from nrcore.methods.families.transition import anchor_point_transition, forward_corrected_nll
+from nrcore.models.inference import predict_examples, predict_split
 from nrcore.methods.bootstrap import Bootstrap
 from nrcore.methods.coteaching import CoTeaching
 from nrcore.methods.coteaching_plus import CoTeachingPlus

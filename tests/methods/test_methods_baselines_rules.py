@@ -7,14 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods._baselines import (
-    anchor_point_transition,
-    class_mean_transition,
-    cross_update_losses,
-    forget_rate_at,
-    forward_corrected_nll,
-    small_loss_mask,
-)
+from nrcore.methods.families.selection import cross_update_losses, forget_rate_at, small_loss_mask
+from nrcore.methods.families.transition import anchor_point_transition, class_mean_transition, forward_corrected_nll
 from nrcore.methods.bootstrap import bootstrap_loss
 
 T3 = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.6, 0.4], [0.5, 0.0, 0.5]], dtype=torch.float64)

@@ -15,9 +15,9 @@ from torch.func import functional_call
 
 from nrcore import ops
 from nrcore.data import build_task
-from nrcore.methods import _reweighting as rw
+from nrcore.methods.families import reweighting as rw
 from nrcore.methods import get_method
-from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
+from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 from nrcore.methods.base import MethodContext, OptimConfig
 from nrcore.methods.fbr_ntk import tangent_layers
 from nrcore.models import build_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
+from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 
 
 def _model():

@@ -75,6 +75,11 @@ def check_number(name: str, value: Any, *, minimum: Optional[float] = None, excl
         raise ValueError(f"{flag} must be {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over `mask` (0 when the mask is empty): one average, not two."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
 @dataclass
 class OptimConfig:
     """The main model's optimiser, resolved from the CLI/preset (SGD with momentum)."""

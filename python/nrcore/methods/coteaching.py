@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
+from nrcore.methods.families.selection import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
 
 SELECTION_OPTIONS = (

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from nrcore.methods._baselines import TwoNetworkSelection, cross_update_losses
+from nrcore.methods.families.selection import TwoNetworkSelection, cross_update_losses
 from nrcore.methods.base import Option, register
 from nrcore.methods.coteaching import SELECTION_OPTIONS
 

@@ -37,7 +37,8 @@ from typing import Optional
 import torch
 
 from nrcore import ops
-from nrcore.methods._reweighting import ReweightingMethod, per_example_ce, split_features, weighted_update
+from nrcore.methods.families.reweighting import ReweightingMethod, per_example_ce, weighted_update
+from nrcore.models.inference import split_features
 from nrcore.methods.base import Option, StepOutput, check_number, register
 
 # FBR paper, App. D.1 (the FINE setup): ResNet-34, batch 128, SGD lr 0.02, momentum 0.9, weight

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrcore import ops
-from nrcore.methods._functional import functional_forward, trainable_params
-from nrcore.methods._reweighting import joint_batchnorm_recorder, per_example_ce, record_example_gradients, split_batches, weighted_update
+from nrcore.models.functional import functional_forward, trainable_params
+from nrcore.methods.families.reweighting import joint_batchnorm_recorder, per_example_ce, record_example_gradients, weighted_update
+from nrcore.models.inference import split_batches
 from nrcore.methods.base import Option, StepOutput, register
 from nrcore.methods.fbr import FBR_OPTIONS, FeatureReweightingBase
 

@@ -34,15 +34,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods._baselines import (
-    TransitionCorrection,
-    anchor_point_transition,
-    forward_corrected_nll,
-    masked_mean,
-    predict_examples,
-    predict_split,
-)
-from nrcore.methods.base import Option, register
+from nrcore.methods.families.transition import TransitionCorrection, anchor_point_transition, forward_corrected_nll
+from nrcore.methods.base import Option, masked_mean, register
+from nrcore.models.inference import predict_examples, predict_split
 
 
 @register

@@ -30,7 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods._baselines import TransitionCorrection, class_mean_transition, forward_corrected_nll, predict_split
+from nrcore.methods.families.transition import TransitionCorrection, class_mean_transition, forward_corrected_nll
+from nrcore.models.inference import predict_split
 from nrcore.methods.base import register
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
+from nrcore.methods.families.reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
 from nrcore.methods.base import StepOutput, register
 
 

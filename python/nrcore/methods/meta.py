@@ -14,7 +14,7 @@ hypergradient `∂L_val/∂w_i = -η <∇θ l_i(θ), ∇θ L_val(θ')>` the upda
 gradient alignment, independent of the learning rate and batch size (the paper's `αη = β`).
 
 `--hypergrad` picks how the inner products are computed, all without second derivatives but
-`autograd` (see nrcore.methods._reweighting): `tangent` (per-example gradients of one recorded
+`autograd` (see nrcore.methods.families.reweighting): `tangent` (per-example gradients of one recorded
 backward, nrcore.ops; exact without train-mode BatchNorm), `jvp` (forward mode; exact always),
 `autograd` (through the pseudo update; the reference) or `auto` (default: tangent for models
 without BatchNorm, jvp for models with it).
@@ -22,7 +22,7 @@ without BatchNorm, jvp for models with it).
 
 from __future__ import annotations
 
-from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
+from nrcore.methods.families.reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
 from nrcore.methods.base import Option, StepOutput, check_number, register
 
 

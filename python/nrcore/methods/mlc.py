@@ -7,8 +7,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict
-from nrcore.methods._label_correction import (
+from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict
+from nrcore.methods.families.label_correction import (
     LabelCorrectionMethod,
     check_inner_steps,
     grads_finite,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nrcore.methods._label_correction import DELTA_OPTION, BarrierLabelCorrection, inner_steps_option, meta_options, paper_presets
+from nrcore.methods.families.label_correction import DELTA_OPTION, BarrierLabelCorrection, inner_steps_option, meta_options, paper_presets
 from nrcore.methods.base import register
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nrcore.methods._reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
+from nrcore.methods.families.reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
 from nrcore.methods.base import Option, StepOutput, check_number, register
 
 

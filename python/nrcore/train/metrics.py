@@ -1,33 +1,10 @@
-"""Evaluation and the statistics the trainer logs."""
+"""The statistics the trainer logs about per-example weights (evaluation: nrcore.models.inference)."""
 
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 import torch
-from torch import nn
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Dict[str, float]:
-    """Accuracy and mean cross-entropy on a loader, in eval mode (BatchNorm running statistics
-    untouched); the model's previous mode is restored. One host sync at the end."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    total = 0
-    try:
-        for batch in loader:
-            logits = model(batch.x)
-            correct = correct.to(logits.device) + (logits.argmax(1) == batch.y).sum()
-            loss_sum = loss_sum.to(logits.device) + nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum").double()
-            total += len(batch)
-    finally:
-        model.train(was_training)
-    if total == 0:
-        return {"acc": float("nan"), "loss": float("nan")}
-    return {"acc": 100.0 * correct.item() / total, "loss": loss_sum.item() / total}
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> Optional[float]:

@@ -34,7 +34,8 @@ from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_met
 from nrcore.atomic import atomic_write_bytes, atomic_write_json
 from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
 from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor
-from nrcore.train.metrics import evaluate, weight_stats
+from nrcore.models.inference import evaluate
+from nrcore.train.metrics import weight_stats
 from nrcore.train.progress import Progress
 
 # Config keys that may differ when resuming (they do not change what is computed).

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nrcore.methods._functional import functional_forward, trainable_params
+from nrcore.models.functional import functional_forward, trainable_params
 from nrcore.methods.base import Method, Option, StepOutput
 
 ARTIFACT = "label_correction.npz"

@@ -1,5 +1,5 @@
 """Pieces the reweighting methods share (`meta`, `fbr`, `fbr-ntk`, `l2rw`, `mwnet`); not a
-method itself (`_` modules are not registered). See docs/methods-reweighting.md.
+method itself (nothing in families/ is registered). See docs/methods-reweighting.md.
 
 * `ReweightingMethod`: one model, its SGD optimiser and a persistent per-example weight vector
   `[n_train]` in [0, 1] that the trainer logs (means, AUROC, trajectories).
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nrcore.methods._functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
+from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 from nrcore.methods.base import Method, MethodContext, Option
 
 HYPERGRAD_MODES = ("auto", "tangent", "jvp", "autograd")
@@ -65,27 +65,6 @@ def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-def split_batches(task, split: str, batch_size: int, device):
-    """A whole split in order, without augmentation, in batches of about `batch_size` and as
-    equal as possible (so a train-mode BatchNorm never normalises a last batch of one example)."""
-    n = len(task.split(split))
-    count = -(-n // batch_size)
-    return task.loader(split, -(-n // count), device=device)
-
-
-@torch.no_grad()
-def split_features(model: nn.Module, task, split: str, batch_size: int, device) -> tuple:
-    """Penultimate features [N, d] and labels [N] of a whole split, in order, without
-    augmentation. The model runs in train mode (batch statistics of each batch, as in the
-    training forward) on throw-away BatchNorm buffers, so running statistics stay untouched."""
-    named = trainable_params(model)
-    feats, labels = [], []
-    for batch in split_batches(task, split, batch_size, device):
-        feats.append(functional_forward(model, named, batch.x, return_features=True)[1])
-        labels.append(batch.y)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def weighted_update(optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *, mean: bool = True) -> torch.Tensor:

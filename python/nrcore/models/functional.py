@@ -1,7 +1,8 @@
-"""Functional pieces the meta-learning methods share: forwards with substituted parameters that
-leave BatchNorm running statistics alone, and the SGD update rule as a differentiable function.
+"""A model's forward with substituted parameters that leaves BatchNorm running statistics alone,
+and the SGD update rule as a differentiable function: what look-ahead (meta-learning) methods
+and feature passes are built from.
 
-Look-ahead (virtual) steps must not change BatchNorm running statistics (spec): only the real
+Look-ahead (virtual) steps must not change BatchNorm running statistics (docs/method-contract.md): only the real
 training-mode forward of the actual update may. `functional_forward` therefore runs the model
 on copies of its buffers unless `track_bn_stats=True`.
 """
