@@ -11,19 +11,64 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from nrcore.data.types import Augmentation, Batch, BatchLoader, Split, Task
+
+@dataclass
+class Batch:
+    """One mini-batch, on the training device.
+
+    x:       float [B, C, H, W], augmented (train only) and normalised
+    y:       int64 [B], the labels a method may use (noisy for `train`, clean for `clean`)
+    index:   int64 [B], position of each example inside its split (0 .. len(split)-1); methods
+             with per-example state (weights) index it with this
+    y_true:  int64 [B] or None: the original label, for analysis only (never for training)
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    y_true: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation, run batched on the device: zero-pad by `pad`, take a random
+    `crop` x `crop` window, flip horizontally with prob. 1/2 when `flip`. Images stored larger
+    than `crop` (Clothing1M: 256) are centre-cropped when not augmenting."""
+
+    pad: int
+    crop: int
+    flip: bool
+
+    def __str__(self) -> str:
+        parts = [f"random crop {self.crop}" + (f" after {self.pad}-pixel zero padding" if self.pad else "")]
+        return ", ".join(parts + (["horizontal flip"] if self.flip else []))
+
+
+class BatchLoader:
+    """Iterable of `Batch`; `len()` is the number of batches per pass."""
+
+    def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
 
 
 class _BatchTransform:
     """uint8 [B, C, S, S] on the device -> normalised float [B, C, out, out]: random crop/flip
     when augmenting, centre crop when the stored size exceeds the model's input size."""
 
-    def __init__(self, task: Task, device: torch.device):
+    def __init__(self, task, device: torch.device):  # task: a nrcore.data.types.Task
         mean = torch.tensor(task.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(task.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std as one multiply-add
@@ -75,7 +120,7 @@ def _check_batch_size(batch_size: int) -> int:
 
 class _SplitLoader(BatchLoader):
     def __init__(self, task, split, batch_size, *, shuffle, augment, drop_last, generator, device):
-        self.split: Split = split
+        self.split = split  # nrcore.data.types.Split
         self.batch_size = _check_batch_size(batch_size)
         self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), bool(drop_last)
         self.generator = generator
@@ -153,7 +198,10 @@ class StreamingLoader(_SplitLoader):
             yield self._batch(x.to(self.device, non_blocking=True), index)
 
 
-def make_loader(task: Task, split: Split, batch_size: int, *, shuffle, augment, drop_last, generator, device, num_workers) -> BatchLoader:
+def make_loader(task, split, batch_size: int, *, shuffle, augment, drop_last, generator, device, num_workers) -> BatchLoader:
+    """Batches of `split` (a nrcore.data.types.Split of `task`, a Task): what Task.loader returns.
+    Tasks and splits are only read here (mean/std, augmentation, images), never imported, so this
+    module sits below types.py."""
     options = dict(shuffle=shuffle, augment=augment, drop_last=drop_last, generator=generator, device=device)
     if split.images is not None:
         return InMemoryLoader(task, split, batch_size, **options)

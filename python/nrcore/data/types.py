@@ -9,31 +9,17 @@ model's device, augmented and normalised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
+# Batches and their making live in loader.py, which imports nothing from here (no cycle);
+# re-exported, as they are part of the data contract.
+from nrcore.data.loader import Augmentation, Batch, BatchLoader, make_loader
+
+__all__ = ["SPLIT_NAMES", "Augmentation", "Batch", "BatchLoader", "Split", "Task"]
+
 SPLIT_NAMES = ("train", "clean", "val", "test")
-
-
-@dataclass
-class Batch:
-    """One mini-batch, on the training device.
-
-    x:       float [B, C, H, W], augmented (train only) and normalised
-    y:       int64 [B], the labels a method may use (noisy for `train`, clean for `clean`)
-    index:   int64 [B], position of each example inside its split (0 .. len(split)-1); methods
-             with per-example state (weights) index it with this
-    y_true:  int64 [B] or None: the original label, for analysis only (never for training)
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    index: torch.Tensor
-    y_true: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
 
 
 @dataclass
@@ -72,21 +58,6 @@ class Split:
     def is_noisy(self) -> torch.Tensor:
         """bool [N]: label differs from the original label (False where that is unknown)."""
         return (self.labels != self.true_labels) & (self.true_labels >= 0)
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation, run batched on the device: zero-pad by `pad`, take a random
-    `crop` x `crop` window, flip horizontally with prob. 1/2 when `flip`. Images stored larger
-    than `crop` (Clothing1M: 256) are centre-cropped when not augmenting."""
-
-    pad: int
-    crop: int
-    flip: bool
-
-    def __str__(self) -> str:
-        parts = [f"random crop {self.crop}" + (f" after {self.pad}-pixel zero padding" if self.pad else "")]
-        return ", ".join(parts + (["horizontal flip"] if self.flip else []))
 
 
 @dataclass
@@ -150,19 +121,7 @@ class Task:
         device:      where batches are built; in-memory images are copied there once
         num_workers: decoding processes for streamed splits (Clothing1M); ignored otherwise
         """
-        from nrcore.data.loader import make_loader
-
         return make_loader(
             self, self.split(split), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
             generator=generator, device=device, num_workers=num_workers,
         )
-
-
-class BatchLoader:
-    """Iterable of `Batch`; `len()` is the number of batches per pass."""
-
-    def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __len__(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
