@@ -6,7 +6,7 @@
 #include <type_traits>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "nrcore/kernels.h"
 
 namespace nrcore {
 namespace NRCORE_ISA {

@@ -13,8 +13,8 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
-#include "kernels.h"
+#include "nrcore/common.h"
+#include "nrcore/kernels.h"
 
 namespace nrcore {
 

@@ -4,9 +4,9 @@
 #include <cmath>
 #include <cstring>
 
-#include "fbr_formula.h"
+#include "nrcore/fbr_formula.h"
 #include "gemm.h"
-#include "kernels.h"
+#include "nrcore/kernels.h"
 
 namespace nrcore {
 namespace NRCORE_ISA {

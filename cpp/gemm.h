@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "common.h"
+#include "nrcore/common.h"
 
 #ifndef NRCORE_ISA
 #error "gemm.h is only used by the per-ISA kernel sources"

@@ -1,5 +1,5 @@
 // The CPU kernel table of one ISA level (compiled once per level, see CMakeLists.txt).
-#include "kernels.h"
+#include "nrcore/kernels.h"
 
 #define NRCORE_STR2(x) #x
 #define NRCORE_STR(x) NRCORE_STR2(x)

@@ -10,7 +10,7 @@
 #include <cstring>
 
 #include "gemm.h"
-#include "kernels.h"
+#include "nrcore/kernels.h"
 
 namespace nrcore {
 namespace NRCORE_ISA {

@@ -3,7 +3,7 @@
 // whole gradient list costs a couple of launches, not one per tensor. Partial sums are per block
 // and reduced in a fixed order (deterministic), in float64.
 #include "common.cuh"
-#include "launch.h"
+#include "nrcore/launch.h"
 
 namespace nrcore {
 namespace cuda {

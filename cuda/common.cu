@@ -2,7 +2,7 @@
 #include <mutex>
 
 #include "common.cuh"
-#include "launch.h"
+#include "nrcore/launch.h"
 
 namespace nrcore {
 namespace cuda {

@@ -9,8 +9,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "../cpp/common.h"
-#include "../cpp/kernels.h"
+#include "nrcore/common.h"
+#include "nrcore/kernels.h"
 
 namespace nrcore {
 namespace cuda {

@@ -1,8 +1,8 @@
 // FBR (closed form of Algorithm 1) on CUDA: prepare (per epoch), direction (per batch: one block
 // per row, no B x m matrix) and update.
-#include "../cpp/fbr_formula.h"
+#include "nrcore/fbr_formula.h"
 #include "common.cuh"
-#include "launch.h"
+#include "nrcore/launch.h"
 
 namespace nrcore {
 namespace cuda {

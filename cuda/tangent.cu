@@ -2,7 +2,7 @@
 // multiply-add count as the CPU kernels (cpp/tangent.cpp), on the batched tiled GEMM.
 #include "common.cuh"
 #include "gemm.cuh"
-#include "launch.h"
+#include "nrcore/launch.h"
 
 namespace nrcore {
 namespace cuda {

@@ -169,8 +169,8 @@ def test_update_casts_direction_dtype():
 @pytest.mark.parametrize(
     "index,direction,match",
     [
-        ([0, 9], [0.1, 0.1], "index has values outside"),
-        ([0, -1], [0.1, 0.1], "index has values outside"),
+        ([0, 9], [0.1, 0.1], r"index must hold positions in \[0, 4\]; index\[1\] is 9"),
+        ([0, -1], [0.1, 0.1], r"index must hold positions in \[0, 4\]; index\[1\] is -1"),
         ([3, 3], [0.1, 0.1], "duplicate"),
         ([1, 2], [float("nan"), 0.1], "direction contains non-finite"),
     ],

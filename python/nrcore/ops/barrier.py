@@ -43,9 +43,9 @@ def _barrier_stats_impl(grads_f_w: List[Tensor], grads_q_w: List[Tensor], grads_
     out = torch.empty(4, dtype=torch.float64, device=device)
     dev, stream = B.device_args(grads_q_w[0])
     B._C.barrier_stats(
-        dev, stream, B.DTYPE_CODES[grads_q_w[0].dtype], _ptrs(grads_f_w), _ptrs(grads_q_w), _numels(grads_q_w),
-        B.DTYPE_CODES[grads_q_alpha[0].dtype], _ptrs(grads_q_alpha), _numels(grads_q_alpha), out.data_ptr(),
-        B.num_threads(),
+        dev, stream, pair_dtype=B.DTYPE_CODES[grads_q_w[0].dtype], f=_ptrs(grads_f_w), q=_ptrs(grads_q_w),
+        pair_numel=_numels(grads_q_w), alpha_dtype=B.DTYPE_CODES[grads_q_alpha[0].dtype], alpha=_ptrs(grads_q_alpha),
+        alpha_numel=_numels(grads_q_alpha), out=out.data_ptr(), nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
@@ -148,8 +148,8 @@ def _barrier_combine_impl(
         else:
             coef_value = float(coef_tensor)
     status = B._C.barrier_combine(
-        dev, stream, B.DTYPE_CODES[outs[0].dtype], _ptrs(outs), _ptrs(grads_f), _ptrs(grads_q), _numels(outs),
-        coef_value, coef_ptr, skip_ptr, B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[outs[0].dtype], outs=_ptrs(outs), f=_ptrs(grads_f), q=_ptrs(grads_q),
+        numel=_numels(outs), coef=coef_value, coef_ptr=coef_ptr, skip=skip_ptr, nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)

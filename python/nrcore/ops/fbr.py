@@ -76,9 +76,10 @@ def _fbr_prepare_impl(clean_feats: Tensor, clean_labels: Tensor, num_classes: in
     sq = clean_feats.new_empty(1, dtype=torch.float64)
     dev, stream = B.device_args(clean_feats)
     status = B._C.fbr_prepare(
-        dev, stream, B.DTYPE_CODES[clean_feats.dtype], m, d, num_classes, clean_feats.data_ptr(), clean_feats.stride(0),
-        clean_feats.stride(1), clean_labels.data_ptr(), clean_labels.stride(0), center, mean.data_ptr(),
-        basis_t.data_ptr(), counts.data_ptr(), sq.data_ptr(), B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[clean_feats.dtype], m=m, d=d, num_classes=num_classes,
+        feats=clean_feats.data_ptr(), feats_rs=clean_feats.stride(0), feats_cs=clean_feats.stride(1),
+        labels=clean_labels.data_ptr(), labels_s=clean_labels.stride(0), center=center, mean=mean.data_ptr(),
+        basis_t=basis_t.data_ptr(), counts=counts.data_ptr(), sq_norm_mean=sq.data_ptr(), nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.check_errors(clean_feats.device)  # once per epoch: a sync is fine here
@@ -168,9 +169,11 @@ def _fbr_direction_impl(
     out = feats.new_empty(batch, dtype=B.acc_dtype(feats.dtype))
     dev, stream = B.device_args(feats)
     status = B._C.fbr_direction(
-        dev, stream, B.DTYPE_CODES[feats.dtype], batch, d, C, feats.data_ptr(), feats.stride(0), feats.stride(1),
-        labels.data_ptr(), labels.stride(0), mean.data_ptr(), basis_t.data_ptr(), counts.data_ptr(), use_total,
-        row_shift, label_sign, lambda_pos, lambda_neg, scale, out.data_ptr(), B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[feats.dtype], batch=batch, d=d, num_classes=C, feats=feats.data_ptr(),
+        feats_rs=feats.stride(0), feats_cs=feats.stride(1), labels=labels.data_ptr(), labels_s=labels.stride(0),
+        mean=mean.data_ptr(), basis_t=basis_t.data_ptr(), counts=counts.data_ptr(), use_total=use_total,
+        row_shift=row_shift, label_sign=label_sign, lambda_pos=lambda_pos, lambda_neg=lambda_neg, scale=scale,
+        out=out.data_ptr(), nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
@@ -252,9 +255,9 @@ def _fbr_update_impl(weights: Tensor, index: Tensor, direction: Tensor, step_siz
         return
     dev, stream = B.device_args(weights)
     status = B._C.fbr_update(
-        dev, stream, B.DTYPE_CODES[weights.dtype], weights.shape[0], index.shape[0], weights.data_ptr(),
-        weights.stride(0), index.data_ptr(), index.stride(0), direction.data_ptr(), direction.stride(0), step_size,
-        B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[weights.dtype], n=weights.shape[0], batch=index.shape[0],
+        weights=weights.data_ptr(), weights_s=weights.stride(0), index=index.data_ptr(), index_s=index.stride(0),
+        direction=direction.data_ptr(), direction_s=direction.stride(0), step_size=step_size, nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)

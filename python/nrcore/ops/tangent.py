@@ -51,8 +51,10 @@ def _tangent_dot_impl(acts: Tensor, grads: Tensor, direction: Tensor, strategy: 
     out = acts.new_empty(batch, k, dtype=B.acc_dtype(acts.dtype))
     dev, stream = B.device_args(acts)
     status = B._C.tangent_dot(
-        dev, stream, B.DTYPE_CODES[acts.dtype], batch, T, p, q, k, acts.data_ptr(), *acts.stride(), grads.data_ptr(),
-        *grads.stride(), direction.data_ptr(), out.data_ptr(), strategy, B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[acts.dtype], batch=batch, T=T, p=p, q=q, k=k,
+        acts=acts.data_ptr(), **_strides("acts", acts, "sb", "st", "sp"),
+        grads=grads.data_ptr(), **_strides("grads", grads, "sb", "st", "sq"),
+        direction=direction.data_ptr(), out=out.data_ptr(), strategy=strategy, nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
@@ -120,9 +122,12 @@ def _tangent_kernel_impl(acts_a: Tensor, grads_a: Tensor, acts_b: Tensor, grads_
     out = acts_a.new_empty(batch_a, batch_b, dtype=B.acc_dtype(acts_a.dtype))
     dev, stream = B.device_args(acts_a)
     status = B._C.tangent_kernel(
-        dev, stream, B.DTYPE_CODES[acts_a.dtype], batch_a, T, batch_b, S, p, q, acts_a.data_ptr(), *acts_a.stride(),
-        grads_a.data_ptr(), *grads_a.stride(), acts_b.data_ptr(), *acts_b.stride(), grads_b.data_ptr(),
-        *grads_b.stride(), out.data_ptr(), strategy, B.num_threads(),
+        dev, stream, dtype=B.DTYPE_CODES[acts_a.dtype], batch_a=batch_a, T=T, batch_b=batch_b, S=S, p=p, q=q,
+        acts_a=acts_a.data_ptr(), **_strides("acts_a", acts_a, "sb", "st", "sp"),
+        grads_a=grads_a.data_ptr(), **_strides("grads_a", grads_a, "sb", "st", "sq"),
+        acts_b=acts_b.data_ptr(), **_strides("acts_b", acts_b, "sb", "st", "sp"),
+        grads_b=grads_b.data_ptr(), **_strides("grads_b", grads_b, "sb", "st", "sq"),
+        out=out.data_ptr(), strategy=strategy, nthreads=B.num_threads(),
     )
     if dev >= 0:
         B.after_cuda_launch(dev)
@@ -195,9 +200,20 @@ def unfold(x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
     return view.reshape(x.shape[0], Ho * Wo, x.shape[1] * kh * kw)
 
 
-def _conv_geometry(x: Tensor, kernel_size, stride, padding, dilation) -> List[int]:
+def _strides(name: str, t: Tensor, *suffixes: str) -> dict:
+    """{name_suffix: stride} for the binding's keywords, one suffix per dimension of `t`."""
+    return {f"{name}_{suffix}": stride for suffix, stride in zip(suffixes, t.stride(), strict=True)}
+
+
+def _conv_geometry(x: Tensor, kernel_size, stride, padding, dilation) -> dict:
+    """A Conv2d input's ConvGeometry (nrcore/kernels.h) by field name."""
     Ho, Wo = conv_output_size(x.shape, kernel_size, stride, padding, dilation)
-    return [x.shape[1], x.shape[2], x.shape[3], *kernel_size, *stride, *padding, *dilation, Ho, Wo, *x.stride()]
+    sb, sc, sh, sw = x.stride()
+    return dict(
+        channels=x.shape[1], height=x.shape[2], width=x.shape[3], kh=kernel_size[0], kw=kernel_size[1],
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1],
+        out_h=Ho, out_w=Wo, sb=sb, sc=sc, sh=sh, sw=sw,
+    )
 
 
 def _use_compiled_conv(device: torch.device, strategy: int, ghost: float, explicit: float) -> bool:
@@ -221,8 +237,9 @@ def _conv_tangent_dot_impl(
     out = x.new_empty(batch, k, dtype=B.acc_dtype(x.dtype))
     direction_t = direction.transpose(1, 2).contiguous()  # [k, p, q]: G_i^T's layout
     status = B._C.conv_tangent_dot(
-        B.DTYPE_CODES[x.dtype], batch, q, k, x.data_ptr(), _conv_geometry(x, kernel_size, stride, padding, dilation),
-        g.data_ptr(), *g.stride(), direction_t.data_ptr(), out.data_ptr(), B.num_threads(),
+        dtype=B.DTYPE_CODES[x.dtype], batch=batch, q=q, k=k, x=x.data_ptr(), geom=_conv_geometry(x, kernel_size, stride, padding, dilation),
+        grads=g.data_ptr(), **_strides("grads", g, "sb", "sq", "st"), direction_t=direction_t.data_ptr(), out=out.data_ptr(),
+        nthreads=B.num_threads(),
     )
     _finish("conv_tangent_dot", status, [("x", x), ("grads", grads), ("direction", direction)])
     return out
@@ -250,9 +267,11 @@ def _conv_tangent_kernel_impl(
     ga, gb = grads_a.flatten(2), grads_b.flatten(2)
     out = x_a.new_empty(Ba, Mb, dtype=B.acc_dtype(x_a.dtype))
     status = B._C.conv_tangent_kernel(
-        B.DTYPE_CODES[x_a.dtype], Ba, Mb, q, x_a.data_ptr(), _conv_geometry(x_a, kernel_size, stride, padding, dilation),
-        ga.data_ptr(), *ga.stride(), x_b.data_ptr(), _conv_geometry(x_b, kernel_size, stride, padding, dilation),
-        gb.data_ptr(), *gb.stride(), out.data_ptr(), B.num_threads(),
+        dtype=B.DTYPE_CODES[x_a.dtype], batch_a=Ba, batch_b=Mb, q=q,
+        x_a=x_a.data_ptr(), geom_a=_conv_geometry(x_a, kernel_size, stride, padding, dilation),
+        grads_a=ga.data_ptr(), **_strides("grads_a", ga, "sb", "sq", "st"),
+        x_b=x_b.data_ptr(), geom_b=_conv_geometry(x_b, kernel_size, stride, padding, dilation),
+        grads_b=gb.data_ptr(), **_strides("grads_b", gb, "sb", "sq", "st"), out=out.data_ptr(), nthreads=B.num_threads(),
     )
     _finish("conv_tangent_kernel", status, [("x_a", x_a), ("grads_a", grads_a), ("x_b", x_b), ("grads_b", grads_b)])
     return out

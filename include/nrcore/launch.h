@@ -3,7 +3,7 @@
 // range, non-finite outputs) are OR-ed into the device's error word, read by take_errors().
 #pragma once
 
-#include "../cpp/kernels.h"
+#include "kernels.h"
 
 namespace nrcore {
 namespace cuda {
