@@ -1,5 +1,5 @@
 // Feature-based reweighting (FBR, Algorithm 1) on the CPU, in the closed form of
-// ../shared/spec/methods.md: per batch one [B, d] x [d, C(+1)] contraction and an O(B*C) epilogue
+// docs/method-contract.md (FBR 2): per batch one [B, d] x [d, C(+1)] contraction and an O(B*C) epilogue
 // instead of the explicit [B, m] centred Gram matrix.
 #include <cmath>
 #include <cstring>

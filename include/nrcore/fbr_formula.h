@@ -1,4 +1,4 @@
-// The FBR closed form for one row, shared by the CPU and CUDA kernels (methods.md, FBR point 2).
+// The FBR closed form for one row, shared by the CPU and CUDA kernels (docs/method-contract.md, FBR 2).
 #pragma once
 
 #include <cmath>

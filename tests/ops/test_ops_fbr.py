@@ -73,7 +73,7 @@ def test_direction_matches_algorithm1_loop(device, gen, center, row_shift, case)
 
 
 def test_row_shift_cancels_on_a_balanced_clean_set(gen):
-    """methods.md FBR point 3: balanced clean set, default lambdas -> every mask row sums to zero,
+    """docs/method-contract.md, FBR 3: balanced clean set, default lambdas -> every mask row sums to zero,
     so the shift cancels and d_i = n C/(C-1) s_iy."""
     C, per_class, d = 5, 8, 7
     clean = torch.randn(C * per_class, d, generator=gen, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Noise models: `NoiseSpec` ("sym80", "asym40", "aggre", ...), their transition matrices, and
-seeded sampling of noisy labels. The table of models is in `docs/data.md` and the spec
-(`shared/spec/methods.md`)."""
+seeded sampling of noisy labels. The table of models is in `docs/data.md` and
+`docs/method-contract.md` ("Noise")."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class NoiseSpec:
         return self.kind in SYNTHETIC_KINDS
 
     def resolved_kind(self, dataset: Optional[str]) -> str:
-        """`asym` means a class map on CIFAR-10/100 and `pair` elsewhere (spec table)."""
+        """`asym` means a class map on CIFAR-10/100 and `pair` elsewhere (docs/method-contract.md, "Noise")."""
         if self.kind == "asym" and dataset not in ("cifar10", "cifar100"):
             return "pair"
         return self.kind

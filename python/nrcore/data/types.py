@@ -65,7 +65,7 @@ class Task:
     """A dataset with a noise model applied and the trusted/validation splits drawn.
 
     Built by `nrcore.data.build_task`. `train` is the noisy training set and never shares an
-    example with `clean` or `val` (see the spec); with `use_clean_in_train` the trusted examples
+    example with `clean` or `val` (docs/method-contract.md, "Splits and what is reported"); with `use_clean_in_train` the trusted examples
     are appended to it (last rows, clean labels). `clean` is None when no trusted set was asked
     for; `val` is None without `--val-size`.
 

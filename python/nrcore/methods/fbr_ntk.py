@@ -1,4 +1,4 @@
-"""FBR with neural-tangent features, `fbr-ntk` (FBR paper's "Ours (NTK)"; features per our spec).
+"""FBR with neural-tangent features, `fbr-ntk` (FBR paper's "Ours (NTK)"; features per docs/method-contract.md, FBR 6).
 
 Algorithm 1 and its closed form exactly as in `fbr` (sign fix, row shift, label sign, λ schedule,
 normalisation), with the penultimate features φ(x) replaced by tangent features

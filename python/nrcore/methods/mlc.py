@@ -40,7 +40,7 @@ class MetaLabelCorrection(LabelCorrectionMethod):
     code, the real update of w uses the corrected labels of α_t (the meta and main updates are
     simultaneous), which needs no extra forward.
 
-    --mix-clean (the reference code's default `hmlc_K_mix`; off here, as the spec and paper
+    --mix-clean (the reference code's default `hmlc_K_mix`; off here, as the method contract and paper
     state G): the trusted batch is split in halves; the second joins G with its labels,
     G = (B·G_noisy + b·CE(f_w(x^c_2), y^c_2)) / (B + b), in the look-ahead and the real step, and
     F uses the first half only.

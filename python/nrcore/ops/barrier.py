@@ -1,4 +1,4 @@
-"""Barrier reductions for MLC-D and EBOMLC (methods.md): one fused pass over whole gradient
+"""Barrier reductions for MLC-D and EBOMLC (docs/method-contract.md): one fused pass over whole gradient
 lists instead of one kernel per tensor.
 
     stats = barrier_stats(grads_F_w, grads_Q_w, grads_Q_alpha)   # [4] float64, stays on device

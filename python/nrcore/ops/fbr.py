@@ -1,11 +1,11 @@
-"""Feature-based reweighting (FBR paper, Algorithm 1) in the closed form of methods.md.
+"""Feature-based reweighting (FBR paper, Algorithm 1) in the closed form of docs/method-contract.md (FBR 2).
 
     stats = fbr_prepare(clean_feats, clean_labels, C)            # once per epoch
     d = fbr_direction(feats, labels, stats)                       # per batch, [B]
     fbr_update_(weights, index, d, step_size)                     # w <- clip(w + step * d)
 
 Sign: Algorithm 1 line 14 writes `w - alpha d`; the paper's text and theory need `w + alpha d`
-(clean, aligned examples go up), which is what nrcore does (methods.md, FBR point 1).
+(clean, aligned examples go up), which is what nrcore does (docs/method-contract.md, FBR 1).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def fbr_direction(
         label_sign=True:  d_i = l+ n_y (s_iy - shift_i) - l- ((T_i - n_y s_iy) - (m - n_y) shift_i)
         label_sign=False: d_i = l+ (T_i - m shift_i)
     lambda_neg=None means 1/(C-1). normalize=True divides by m * mean_j |phi_j - mu|^2. With a
-    balanced clean set and the default lambdas the shift cancels (methods.md, FBR point 3).
+    balanced clean set and the default lambdas the shift cancels (docs/method-contract.md, FBR 3).
     Cost O(B C d), no B x m matrix. Raises ValueError for labels outside [0, C) or a non-finite
     result on the CPU; on CUDA see nrcore.ops.check_errors.
     """

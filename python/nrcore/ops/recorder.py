@@ -28,7 +28,7 @@ kernel); per-example bias and BatchNorm gradients are small and formed explicitl
 BatchNorm in train mode couples the examples of a batch through its statistics; `batchnorm`
 chooses how the recording treats that (eval-mode BatchNorm uses running statistics, couples
 nothing, and both give the exact per-example gradient):
-  "constant" (default, methods.md): while recording, every BatchNorm of the model that normalises
+  "constant" (default, docs/method-contract.md, "Meta-reweighting"): while recording, every BatchNorm of the model that normalises
       with batch statistics treats them as constants in the backward (forward values unchanged,
       running statistics updated once as usual), so g_i is exactly the gradient of l_i with the
       batch statistics held fixed, and the parameters' .grad from that backward is sum_i g_i.

@@ -80,7 +80,7 @@ def fbr_direction(
     label_sign: bool = True,
     normalize: bool = False,
 ) -> Tensor:
-    """Closed form of Algorithm 1's row sums (methods.md):
+    """Closed form of Algorithm 1's row sums (docs/method-contract.md, FBR 2):
     d_i = l+ n_y (s_iy - shift_i) - l- ((T_i - n_y s_iy) - (m - n_y) shift_i)."""
     C, m = stats.num_classes, float(stats.num_clean)
     acc = acc_dtype(feats.dtype)

@@ -2,7 +2,7 @@
 lower and upper losses, exactly skippable optimiser steps, and the common method skeleton
 (models, optimisers, checkpointed state, the corrected-label confusion matrix artifact).
 
-Notation (spec, EBOMLC paper): f_w the main model, h(x) its penultimate features, g_α(h, ỹ)
+Notation (docs/method-contract.md, EBOMLC paper): f_w the main model, h(x) its penultimate features, g_α(h, ỹ)
 the meta model's corrected label distribution for an example with noisy label ỹ.
 
     lower loss  G(w, α) = mean_i CE(f_w(x'_i), g_α(h(x'_i), ỹ_i))          (soft targets)
