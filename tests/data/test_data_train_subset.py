@@ -14,20 +14,11 @@ from nrcore.data.task import task_from_dataset
 C = 10
 
 
-@pytest.fixture(scope="module")
-def raw():
+@pytest.fixture
+def raw(writers):
     """3,000 pool examples over unbalanced classes (200 of class 0 up to 400 of class 9)."""
-    from nrcore.data.datasets import Pool, RawDataset
-    import torch
-
     labels = np.concatenate([np.full(200 + round(200 * c / (C - 1)), c) for c in range(C)])
-    labels = np.random.default_rng(4).permutation(labels).astype(np.int64)
-    n = len(labels)
-    return RawDataset(
-        "synthetic", C, (1, 2, 2), [str(c) for c in range(C)], (0.5,), (0.25,), None,
-        Pool(labels, np.arange(n, dtype=np.int64), images=torch.zeros(n, 1, 2, 2, dtype=torch.uint8)),
-        Pool(np.arange(10, dtype=np.int64), np.arange(10, dtype=np.int64), images=torch.zeros(10, 1, 2, 2, dtype=torch.uint8)),
-    )  # fmt: skip
+    return writers.synthetic_raw(np.random.default_rng(4).permutation(labels), C)
 
 
 def _ids(split) -> set:
