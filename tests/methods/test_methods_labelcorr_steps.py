@@ -182,7 +182,7 @@ def test_mlc_hypergradient_matches_finite_differences():
 
     # upper_after_unroll uses α by value only (t is detached), so the difference quotient
     # owes nothing to the method's autograd
-    _, _, upper, hypergrad = method.gradients(noisy, clean)
+    _, _, upper, hypergrad, _ = method.gradients(noisy, clean)
     assert upper.item() == pytest.approx(upper_after_unroll(alpha0).item(), rel=1e-10)
     g = torch.Generator().manual_seed(7)
     for _ in range(2):
@@ -200,7 +200,7 @@ def test_mlc_step_applies_lower_gradient_and_hypergradient():
     method = make_method("mlc")
     noisy, clean = _batch(8, 10), _batch(9, 6)
     model, meta, opt, meta_opt = clone_state(method)
-    _, grads, _, hypergrad = copy.deepcopy(method).gradients(noisy, clean)
+    _, grads, _, hypergrad, _ = copy.deepcopy(method).gradients(noisy, clean)
     with torch.no_grad():
         model(noisy.x)  # the real forward's BN update
     for p, g in zip(model.parameters(), grads):
@@ -229,7 +229,7 @@ def test_mlc_mix_clean_splits_the_trusted_batch_like_the_reference_code():
     w1 = {n: (w0[n] - 0.1 * (0.9 * bufs[n] + g[n] + 5e-4 * w0[n])).detach() for n in w0}
     expected_upper = F.cross_entropy(lookahead_forward(model, w1, clean.x[:3]), clean.y[:3])
 
-    lower, _, upper, _ = method.gradients(noisy, clean)
+    lower, _, upper, _, _ = method.gradients(noisy, clean)
     assert lower.item() == pytest.approx(expected_lower.item(), rel=1e-12)
     assert upper.item() == pytest.approx(expected_upper.item(), rel=1e-12)
 

@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 from nrcore.methods.base import (  # noqa: F401
+    ExampleSignal,
     Method,
     MethodContext,
     OptimConfig,

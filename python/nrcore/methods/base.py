@@ -95,12 +95,29 @@ class StepOutput:
     """What `train_step` returns. Keep everything on the device: the trainer sums `loss` and
     `stats` without a host sync and reads them only every few steps.
 
-    loss:  0-d tensor, the training loss of this step (detached)
-    stats: extra 0-d tensors averaged over the epoch into metrics.jsonl (e.g. "beta", "skipped")
+    loss:   0-d tensor, the training loss of this step (detached)
+    stats:  extra 0-d tensors averaged over the epoch into metrics.jsonl (e.g. "beta", "skipped")
+    logits: [B, C], the logits of the step's training forward on `batch.x` (detached; the
+            evaluated model's, before its update), when the step has them: the trainer turns
+            them into each example's training dynamics (its area under the margin) for
+            `nrcore audit`, at no extra forward. None: the run has no such signal.
     """
 
     loss: torch.Tensor
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ExampleSignal:
+    """A per-example signal for `nrcore audit`, over the training split (`Batch.index` order):
+    `score` float [n], higher = more likely mislabelled; `suggestion` int64 [n], the label the
+    signal would give instead (None when it has no opinion); `description`: one line on what
+    it is, for the audit's output."""
+
+    score: torch.Tensor
+    suggestion: Optional[torch.Tensor] = None
+    description: str = ""
 
 
 class MethodContext:
@@ -236,6 +253,18 @@ class Method:
     def save_artifacts(self, run_dir: Path) -> None:
         """Write method-specific analysis files at the end of a run (e.g. MLC's corrected-label
         confusion matrix). Optional."""
+
+    # The signal `nrcore audit` ranks a run's examples by unless asked for another: one of the
+    # names `audit_signals` returns, or a trainer signal ("weight_area", "aum",
+    # "final_prediction"); None: the trainer's choice (see nrcore.train.dynamics).
+    audit_default: ClassVar[Optional[str]] = None
+
+    def audit_signals(self) -> Dict[str, "ExampleSignal"]:
+        """The method's own per-example signals at the end of a finished run (e.g. the meta
+        model's corrected labels, how often co-teaching dropped an example), by name; saved in
+        RUN_DIR/audit.npz next to the trainer's (training dynamics, final weights and
+        predictions). Called once, after the last epoch."""
+        return {}
 
     def schedule_epoch(self, epoch: int) -> int:
         """The epoch the learning-rate schedule sees (methods with phases may remap it)."""

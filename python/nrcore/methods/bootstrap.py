@@ -65,11 +65,12 @@ class Bootstrap(Method):
         return [self.opt]
 
     def train_step(self, batch, clean):
-        loss = bootstrap_loss(self.model(batch.x), batch.y, self.beta, self.mode).mean()
+        logits = self.model(batch.x)
+        loss = bootstrap_loss(logits, batch.y, self.beta, self.mode).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return StepOutput(loss=loss.detach())
+        return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def end_epoch(self, epoch):
         return {"bootstrap_beta": self.beta}

@@ -22,11 +22,12 @@ class CrossEntropy(Method):
         return [self.opt]
 
     def train_step(self, batch, clean):
-        loss = F.cross_entropy(self.model(batch.x), batch.y)
+        logits = self.model(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return StepOutput(loss=loss.detach())
+        return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def eval_model(self):
         return self.model

@@ -116,4 +116,4 @@ class FeatureBasedReweighting(FeatureReweightingBase):
         ops.fbr_update_(self.weights, batch.index, direction, self.step_size)
         weights = self.weights[batch.index]
         loss = weighted_update(self.opt, losses, weights)
-        return StepOutput(loss=loss, stats={"batch_weight": weights.mean()})
+        return StepOutput(loss=loss, stats={"batch_weight": weights.mean()}, logits=logits.detach())

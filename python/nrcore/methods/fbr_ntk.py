@@ -143,4 +143,4 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         ops.fbr_update_(self.weights, batch.index, direction, self.step_size)
         weights = self.weights[batch.index]
         loss = weighted_update(self.opt, per_example_ce(logits, batch.y), weights)
-        return StepOutput(loss=loss, stats={"batch_weight": weights.mean()})
+        return StepOutput(loss=loss, stats={"batch_weight": weights.mean()}, logits=logits.detach())

@@ -86,8 +86,9 @@ class Forward(TransitionCorrection):
     def phase1_loss(self, batch):
         if self.held_out is None:
             return super().phase1_loss(batch)
-        losses = F.cross_entropy(self.model(batch.x), batch.y, reduction="none")
-        return masked_mean(losses, ~self.held_out[batch.index])
+        logits = self.model(batch.x)
+        losses = F.cross_entropy(logits, batch.y, reduction="none")
+        return masked_mean(losses, ~self.held_out[batch.index]), logits
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         out = super().end_epoch(epoch)
@@ -119,4 +120,5 @@ class Forward(TransitionCorrection):
         return {"phase1_holdout_examples": 0 if self.held_out is None else int(self.held_out.sum()), "phase1_epoch": self.phase1_best["epoch"] if self.held_out is not None else self.ctx.epochs}
 
     def corrected_loss(self, batch, clean):
-        return forward_corrected_nll(self.model(batch.x), batch.y, self.transition).mean()
+        logits = self.model(batch.x)
+        return forward_corrected_nll(logits, batch.y, self.transition).mean(), logits

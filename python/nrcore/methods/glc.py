@@ -58,4 +58,4 @@ class GoldLossCorrection(TransitionCorrection):
         noisy_logits, clean_logits = logits[: len(batch)], logits[len(batch) :]
         untrusted = forward_corrected_nll(noisy_logits, batch.y, self.transition).mean()
         trusted = F.cross_entropy(clean_logits, clean.y[:k])
-        return (1 - self.trusted_share) * untrusted + self.trusted_share * trusted
+        return (1 - self.trusted_share) * untrusted + self.trusted_share * trusted, noisy_logits

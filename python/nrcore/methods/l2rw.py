@@ -41,4 +41,4 @@ class LearningToReweight(ReweightingMethod):
         weights = useful / useful.sum().clamp_min(tiny)
         self.weights[batch.index] = useful / useful.max().clamp_min(tiny)
         loss = self.metagrad.step(fwd, weights, mean=False)
-        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "kept": (useful > 0).float().mean()})
+        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "kept": (useful > 0).float().mean()}, logits=fwd.logits)

@@ -50,4 +50,4 @@ class MetaReweighting(ReweightingMethod):
         w_new = (w_old - (self.beta / eta) * hypergrad).clamp_(0.0, 1.0)
         self.weights[batch.index] = w_new
         loss = self.metagrad.step(fwd, w_new)
-        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": w_new.mean()})
+        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": w_new.mean()}, logits=fwd.logits)

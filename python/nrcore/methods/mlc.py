@@ -79,7 +79,7 @@ class MetaLabelCorrection(LabelCorrectionMethod):
 
     def train_step(self, batch, clean):
         self.stepper.begin()
-        lower, grads, upper, hypergrad = self.gradients(batch, clean)
+        lower, grads, upper, hypergrad, logits = self.gradients(batch, clean)
         ok = grads_finite(grads) & grads_finite(hypergrad)
         if self.stepper.known_bad(ok):
             self.stepper.undo()
@@ -91,11 +91,11 @@ class MetaLabelCorrection(LabelCorrectionMethod):
             self.stepper.step(ok)
         hypergrad_sq = torch.stack(torch._foreach_norm(list(hypergrad))).square().sum()
         stats = {"upper_loss": upper.detach(), "hypergrad_sq": hypergrad_sq, "skipped": (~ok).float()}
-        return StepOutput(loss=lower.detach(), stats=stats)
+        return StepOutput(loss=lower.detach(), stats=stats, logits=logits)
 
     def gradients(self, batch, clean):
-        """(G(w, α), ∇_w G(w, α), F(w_k), ∇_α F(w_k(α))) for one step; updates BN running
-        statistics through the real forward(s) at w only."""
+        """(G(w, α), ∇_w G(w, α), F(w_k), ∇_α F(w_k(α)), the noisy batch's logits at w) for one
+        step; updates BN running statistics through the real forward(s) at w only."""
         meta_batch, mixed = clean, None
         if self.mix_clean:
             half = len(clean) // 2
@@ -116,7 +116,7 @@ class MetaLabelCorrection(LabelCorrectionMethod):
             params, buffers = self.lookahead_sgd.step(params, grads_dict(step_loss, params, create_graph=True), buffers)
         upper = F.cross_entropy(functional_forward(self.model, params, meta_batch.x), meta_batch.y)
         hypergrad = torch.autograd.grad(upper, self.meta_params)
-        return lower, grads, upper, hypergrad
+        return lower, grads, upper, hypergrad, logits.detach()
 
     @staticmethod
     def _lower_loss(logits, targets, mixed, forward):

@@ -85,4 +85,4 @@ class MetaWeightNet(ReweightingMethod):
             new_weights = self.vnet(fwd.losses)
         self.weights[batch.index] = new_weights
         loss = self.metagrad.step(fwd, self.step_weights(new_weights))
-        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": new_weights.mean()})
+        return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": new_weights.mean()}, logits=fwd.logits)

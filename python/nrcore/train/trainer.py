@@ -13,6 +13,7 @@ RUN_DIR:
     weights.npz            per-example-weight methods: trajectories of a fixed random subset
                            (clean and noisy marked; `--track-per-epoch` points per epoch at
                            fractional epochs `trajectory_epochs`) and every example's final weight
+    audit.npz              per-example signals for `nrcore audit` (nrcore.train.dynamics), at the end
     <method files>         whatever the method saves at the end (see its docstring)
 
 Determinism: each epoch reseeds the global RNG and the data-order generators from
@@ -34,6 +35,7 @@ from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_met
 from nrcore.atomic import atomic_write_bytes, atomic_write_json
 from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
 from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor
+from nrcore.train.dynamics import TrainingDynamics, default_signal, prediction_signal, write_audit_file
 from nrcore.models.inference import evaluate
 from nrcore.train.metrics import weight_stats
 from nrcore.train.progress import Progress
@@ -153,9 +155,12 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.trajectory: List[torch.Tensor] = []
         self.trajectory_epochs: List[float] = []
+        self.dynamics = TrainingDynamics(len(task.train), task.num_classes, self.device)
         start_epoch = 0
         if self.resume:
             start_epoch = self._restore()
+        else:
+            self.dynamics.observe_weights(self.method.example_weights())  # the weights before the first step
         self._init_weight_tracking()
 
         self.progress.message(self._banner(start_epoch))
@@ -168,6 +173,7 @@ class Trainer:
                     break
             if status == "finished":
                 self.method.save_artifacts(self.run_dir)
+                self._write_audit()
         except NonFiniteLossError as exc:
             self._write_summary(status=f"diverged: {exc}")
             raise
@@ -210,6 +216,7 @@ class Trainer:
         self.history = list(trainer["history"])
         self.trajectory = list(trainer["trajectory"])
         self.trajectory_epochs = list(trainer["trajectory_epochs"])
+        self.dynamics.load_state_dict(trainer.get("dynamics"), int(state["epoch"]))
         torch.set_rng_state(state["rng"]["torch"])
         return int(state["epoch"])
 
@@ -267,6 +274,7 @@ class Trainer:
         for batch in loader:
             clean = next(clean_batches) if clean_batches is not None else None
             out = method.train_step(batch, clean)
+            self.dynamics.observe_step(batch.index, batch.y, out.logits)
             loss_sum += out.loss.detach().double()
             for key, value in out.stats.items():
                 value = value.detach().double()
@@ -306,6 +314,7 @@ class Trainer:
             val = evaluate(model, task.loader("val", eval_batch, device=self.device))
             record.update(val_acc=val["acc"], val_loss=val["loss"])
         weights = method.example_weights()
+        self.dynamics.observe_weights(weights)
         if weights is not None:
             known = task.train.true_labels >= 0  # rows without a known true label (e.g. Clothing1M) cannot be scored
             record.update(weight_stats(weights[known.to(weights.device)], task.train.is_noisy[known]))
@@ -344,7 +353,10 @@ class Trainer:
             "epoch": epochs_done,
             "config": self.cfg.to_dict(),
             "method": self.method.state_dict(),
-            "trainer": {"history": self.history, "trajectory": self.trajectory, "trajectory_epochs": self.trajectory_epochs},
+            "trainer": {
+                "history": self.history, "trajectory": self.trajectory, "trajectory_epochs": self.trajectory_epochs,
+                "dynamics": self.dynamics.state_dict(),
+            },
             "rng": {"torch": torch.get_rng_state()},
         }
         save_checkpoint(self.run_dir, state)
@@ -352,6 +364,31 @@ class Trainer:
         atomic_write_bytes(self.run_dir / "metrics.jsonl", lambda f: f.write(lines))
         if weights is not None:
             self._write_weights(weights)
+
+    def _write_audit(self) -> None:
+        """audit.npz: the trainer's signals, the final model's posterior on the training split
+        (one inference pass) and the method's own (nrcore.train.dynamics)."""
+        from nrcore.models.inference import predict_split
+
+        method, task = self.method, self.task
+        weights = method.example_weights()
+        signals = self.dynamics.signals(weights)
+        probs, labels = predict_split(method.eval_model(), task, "train", eval_batch_size_for(self.cfg, self.device), self.device)
+        signals["final_prediction"] = prediction_signal(probs, labels)
+        own = method.audit_signals()
+        clash = sorted(set(own) & set(signals))
+        if clash:
+            raise ValueError(f"method {self.cfg.method!r} names audit signals {clash} that the trainer already saves")
+        signals.update(own)
+        absent = {}
+        if "aum" not in signals:
+            absent["aum"] = f"{self.cfg.method}'s training step returns no logits (StepOutput.logits)"
+        if weights is None:
+            absent["weight_area"] = absent["weight"] = f"{self.cfg.method} keeps no per-example weights"
+        write_audit_file(
+            self.run_dir, signals, default=default_signal(type(method).audit_default, signals), method=self.cfg.method,
+            first_epoch=self.dynamics.first_epoch, absent=absent,
+        )
 
     def _write_weights(self, weights: torch.Tensor) -> None:
         is_noisy = self.task.train.is_noisy.cpu().numpy()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrcore.models.functional import functional_forward, trainable_params
-from nrcore.methods.base import Method, Option, StepOutput
+from nrcore.methods.base import ExampleSignal, Method, Option, StepOutput
 
 ARTIFACT = "label_correction.npz"
 
@@ -266,21 +266,42 @@ class LabelCorrectionMethod(Method):
         return self.opt.param_groups[0]["lr"]
 
     @torch.no_grad()
-    def corrected_label_confusion(self, batch_size: int = 1000) -> Dict[str, np.ndarray]:
-        task, C = self.ctx.task, self.ctx.num_classes
-        true = task.train.true_labels.cpu()
-        noisy = task.train.labels.cpu()
-        corrected = torch.full_like(noisy, -1)
+    def corrected_distribution(self, batch_size: int = 1000) -> torch.Tensor:
+        """g_α(h(x), ỹ) [n, C] of every training example at the end of the run: the meta
+        model's corrected label distribution, on the main model's features in eval mode."""
+        task = self.ctx.task
+        out = torch.full((len(task.train), self.ctx.num_classes), float("nan"), device=self.ctx.device)
         was_training = self.model.training
         self.model.eval()
         try:
             for batch in task.loader("train", batch_size, device=self.ctx.device):
                 _, feats = self.model(batch.x, return_features=True)
-                corrected[batch.index.cpu()] = self.meta(feats, batch.y).argmax(dim=1).cpu()
+                out[batch.index] = self.meta.probs(feats, batch.y).float()
         finally:
             self.model.train(was_training)
-        if (corrected < 0).any():
-            raise RuntimeError("the training loader did not visit every example")
+        if bool(out.isnan().any()):
+            raise RuntimeError("the training loader did not visit every example, or the meta model gave NaN")
+        return out
+
+    def final_distribution(self) -> torch.Tensor:
+        """`corrected_distribution()` once the run is over, computed once for the confusion
+        matrices and the audit signal both."""
+        if getattr(self, "_final_distribution", None) is None:
+            self._final_distribution = self.corrected_distribution()
+        return self._final_distribution
+
+    def audit_signals(self):
+        probs = self.final_distribution().double()
+        given = probs.gather(1, self.ctx.task.train.labels.to(probs.device)[:, None])[:, 0]
+        return {"corrected_label": ExampleSignal(1 - given, probs.argmax(dim=1), "the meta model's corrected label distribution g(h(x), y) at the end; score = 1 - g[given label]")}
+
+    audit_default = "corrected_label"
+
+    def corrected_label_confusion(self) -> Dict[str, np.ndarray]:
+        task, C = self.ctx.task, self.ctx.num_classes
+        true = task.train.true_labels.cpu()
+        noisy = task.train.labels.cpu()
+        corrected = self.final_distribution().argmax(dim=1).cpu()
         known = true >= 0
 
         def confusion(cols):
@@ -380,7 +401,7 @@ class BarrierLabelCorrection(LabelCorrectionMethod):
             "upper_loss": upper.detach(),
             "skipped": (~ok).float(),
         }
-        return StepOutput(loss=lower.detach(), stats=stats_out)
+        return StepOutput(loss=lower.detach(), stats=stats_out, logits=logits.detach())
 
     def _lookahead_log_probs(self, x, grads, targets, lr) -> torch.Tensor:
         """log softmax f_(w_k)(x') after k plain gradient steps on G(·, α) from w, the first

@@ -267,6 +267,7 @@ class NoisyForward:
     y: torch.Tensor
     losses: torch.Tensor
     example_grads: Optional[ExampleGradients] = None
+    logits: Optional[torch.Tensor] = None  # detached, for the audit's training dynamics
 
 
 class MetaGradient:
@@ -295,10 +296,11 @@ class MetaGradient:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
         if self.recorder is None:
-            return NoisyForward(x, y, per_example_ce(self.model(x), y))
-        _, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True,
-                                                    explicit=self.explicit_example_grads)
-        return NoisyForward(x, y, losses, grads)
+            logits = self.model(x)
+            return NoisyForward(x, y, per_example_ce(logits, y), logits=logits.detach())
+        logits, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True,
+                                                         explicit=self.explicit_example_grads)
+        return NoisyForward(x, y, losses, grads, logits=logits.detach())
 
     def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):
         """(∂L_val/∂w [B], clean loss at θ' (detached)). `at_zero`: the weights are all zero, so

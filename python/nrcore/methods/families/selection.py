@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import Method, StepOutput, masked_mean
+from nrcore.methods.base import ExampleSignal, Method, StepOutput, masked_mean
 
 # ---- small-loss selection between two networks ---------------------------------------------
 
@@ -96,6 +96,9 @@ class TwoNetworkSelection(Method):
         self.num_gradual = num_gradual
         self.forget_exponent = forget_exponent
         self.epoch, self.epoch_forget_rate = 0, 0.0  # set by start_epoch
+        # how often network 1 kept each example among its small-loss picks, of how often it saw it
+        self.kept_count = self.track("kept_count", torch.zeros(ctx.n_train, dtype=torch.int64, device=ctx.device))
+        self.seen_count = self.track("seen_count", torch.zeros(ctx.n_train, dtype=torch.int64, device=ctx.device))
 
     def scheduled_optimizers(self):
         return [self.opt1, self.opt2]
@@ -115,7 +118,7 @@ class TwoNetworkSelection(Method):
         (loss1 + loss2).backward()  # the two graphs are disjoint: each network gets its own gradient
         self.opt1.step()
         self.opt2.step()
-        return StepOutput(loss=((loss1 + loss2) / 2).detach(), stats=stats)
+        return StepOutput(loss=((loss1 + loss2) / 2).detach(), stats=stats, logits=logits1.detach())
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         return {"forget_rate": self.epoch_forget_rate}
@@ -123,10 +126,17 @@ class TwoNetworkSelection(Method):
     def eval_model(self):
         return self.model1
 
-    @staticmethod
-    def selection_stats(picked: torch.Tensor, batch) -> Dict[str, torch.Tensor]:
+    audit_default = "drop_rate"
+
+    def audit_signals(self):
+        dropped = 1 - self.kept_count.double() / self.seen_count.clamp_min(1).double()
+        return {"drop_rate": ExampleSignal(dropped, None, "how often network 1 left the example out of its small-loss selection; score = drop rate")}
+
+    def selection_stats(self, picked: torch.Tensor, batch) -> Dict[str, torch.Tensor]:
         """Fraction of the batch network 1 picked and, for analysis, how many of those carry
-        their true label (the papers' "label precision")."""
+        their true label (the papers' "label precision"); counts the picks for the audit."""
+        self.kept_count.index_add_(0, batch.index, picked.long())
+        self.seen_count.index_add_(0, batch.index, torch.ones_like(batch.index))
         stats = {"selected_frac": picked.float().mean()}
         if batch.y_true is not None:
             stats["label_precision"] = masked_mean((batch.y == batch.y_true).float(), picked)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,22 +144,25 @@ class TransitionCorrection(Method):
     def scheduled_optimizers(self):
         return [self.opt]
 
-    def corrected_loss(self, batch, clean) -> torch.Tensor:
+    def corrected_loss(self, batch, clean) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the corrected loss, the noisy batch's logits)."""
         raise NotImplementedError
 
-    def phase1_loss(self, batch) -> torch.Tensor:
-        """Phase 1's loss: cross-entropy on the noisy labels (subclasses may leave examples out)."""
-        return F.cross_entropy(self.model(batch.x), batch.y)
+    def phase1_loss(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Phase 1's (loss, logits): cross-entropy on the noisy labels (subclasses may leave
+        examples out)."""
+        logits = self.model(batch.x)
+        return F.cross_entropy(logits, batch.y), logits
 
     def train_step(self, batch, clean):
         if self.correcting:
-            loss = self.corrected_loss(batch, clean)
+            loss, logits = self.corrected_loss(batch, clean)
         else:
-            loss = self.phase1_loss(batch)
+            loss, logits = self.phase1_loss(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return StepOutput(loss=loss.detach())
+        return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         out: Dict[str, float] = {"phase": self.phase(epoch)}
@@ -171,6 +174,9 @@ class TransitionCorrection(Method):
 
     def eval_model(self):
         return self.model
+
+    # the clean-class posterior that the corrected loss trains the model to output
+    audit_default = "final_prediction"
 
     def artifact_info(self) -> Dict[str, object]:
         """Extra entries for transition.json (subclasses: how the matrix was obtained)."""
