@@ -5,6 +5,7 @@
     nrcore presets                                  named paper settings for `--preset`
     nrcore report RUN_DIR... --out DIR              figures of runs (nrcore.report)
     nrcore table RUN_DIR...                         mean ± std tables over seeds (nrcore.report)
+    nrcore audit RUN_DIR                            the suspect labels of a finished run (nrcore.audit)
 
 Method-specific flags are generated from each method's declared `Option`s, so the CLI needs no
 edits when a method is added.
@@ -28,7 +29,7 @@ class _LazyGroup(click.Group):
     """Subcommands that live in other modules are imported only when used (keeps `--help` and
     `train` start-up free of matplotlib and friends)."""
 
-    lazy = {"report": "nrcore.report.cli:report", "table": "nrcore.report.cli:table"}
+    lazy = {"report": "nrcore.report.cli:report", "table": "nrcore.report.cli:table", "audit": "nrcore.audit.cli:audit"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
