@@ -169,6 +169,7 @@ def _train_command(shown_method=None):
     @click.option("--val-size", type=float, default=None, help="Clean validation split for model selection: a count (>= 1) or a fraction (< 1); 0 for none.")
     @click.option("--train-size", type=int, default=None, help="Train on a class-balanced subset of this many training images (the trusted and validation splits come from the rest; --clean-frac and fractional --val-size are of this size). cifar10n-cpu: 10000.")
     @click.option("--data-seed", type=int, default=None, help="Seed of the --train-size subset (default 0; independent of --seed, so every seed trains on the same images).")
+    @click.option("--cv-fold", default=None, help="K/N: hold out fold K of N of the noisy training set (stratified by label) and save the final model's posterior on it in audit.npz: cross-validated predictions, e.g. for cleanlab.")
     @click.option("--use-clean-in-train/--no-use-clean-in-train", default=None, help="Add the trusted examples to the training set (for methods that do not use them).")
     @click.option("--seed", type=int, default=None, help="Seed for noise, splits, initialisation and data order (default 0).")
     @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def build_task(
     use_clean_in_train: bool = False,
     train_size: Optional[int] = None,
     data_seed: int = 0,
+    cv_fold: Optional[Tuple[int, int]] = None,
     download: bool = False,
     verify_checksums: bool = True,
 ) -> Task:
@@ -126,6 +127,9 @@ def build_task(
                          from `data_seed`); the trusted and validation splits come from the
                          rest, and fractions (clean_frac, val_size < 1) are of train_size
     data_seed:           fixes the `train_size` subset (default 0; independent of `seed`)
+    cv_fold:             (k, K): cross-validation; the noisy training set is cut into K folds
+                         (stratified by the noisy label, drawn from `seed`), fold k (1-based) is
+                         the `holdout` split and the rest is `train`
     download:            fetch missing official files with torchvision (when installed)
     verify_checksums:    check files with known official checksums (a mismatch is an error)
     """
@@ -134,7 +138,7 @@ def build_task(
     raw = load_dataset(dataset, data_dir, download=download, verify_checksums=verify_checksums)
     return task_from_dataset(
         raw, spec, clean_size=clean_size, clean_frac=clean_frac, val_size=val_size, seed=seed,
-        use_clean_in_train=use_clean_in_train, train_size=train_size, data_seed=data_seed,
+        use_clean_in_train=use_clean_in_train, train_size=train_size, data_seed=data_seed, cv_fold=cv_fold,
     )  # fmt: skip
 
 
@@ -163,6 +167,22 @@ def _check_train_size(train_size) -> Optional[int]:
     if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)) or train_size < 1:
         raise ValueError(f"--train-size must be a positive whole number of examples, got {train_size!r}")
     return int(train_size)
+
+
+def _cv_fold(labels: np.ndarray, num_classes: int, fold: Tuple[int, int], seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions kept for training, positions of fold k) of K folds of the noisy training set,
+    stratified by its (noisy) labels: each class's examples, in a seeded order, dealt to the folds
+    in turn (as scikit-learn's StratifiedKFold, which cleanlab's recipe uses)."""
+    k, K = fold
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 2 or not 1 <= k <= K:
+        raise ValueError(f"--cv-fold must be K/N with N >= 2 folds and 1 <= K <= N, got {k}/{K}")
+    if len(labels) < K:
+        raise ValueError(f"--cv-fold {k}/{K}: the noisy training set has only {len(labels)} examples")
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    for order in class_orders(labels, num_classes, seeded_generator(seed, "cv-folds")):
+        fold_of[order] = np.arange(len(order)) % K
+    held = fold_of == k - 1
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def _draw_train_subset(raw: RawDataset, original: np.ndarray, noisy_candidates: np.ndarray, train_size: int, data_seed: int):
@@ -262,6 +282,7 @@ def task_from_dataset(
     use_clean_in_train: bool = False,
     train_size: Optional[int] = None,
     data_seed: int = 0,
+    cv_fold: Optional[Tuple[int, int]] = None,
 ) -> Task:
     """`build_task` on an already loaded `RawDataset` (same arguments)."""
     spec = NoiseSpec.parse(noise)
@@ -305,12 +326,18 @@ def task_from_dataset(
     noisy_idx = np.flatnonzero(in_noisy)
     observed, T, expected = _noisy_labels(raw, spec, original, noisy_idx, seed)
     realized = _error_rate(observed, original[noisy_idx])
+    holdout = None
+    if cv_fold is not None:  # after the noise: every fold run sees the same noisy labels
+        keep, held = _cv_fold(observed, C, cv_fold, seed)
+        holdout = _make_split(raw, noisy_idx[held], observed[held], original[noisy_idx[held]])
+        noisy_idx, observed = noisy_idx[keep], observed[keep]
 
     train_idx = np.concatenate([noisy_idx, trusted]) if use_clean_in_train else noisy_idx
     train_labels = np.concatenate([observed, original[trusted]]) if use_clean_in_train else observed
     task_splits = {
         "train": _make_split(raw, train_idx, train_labels, original[train_idx]),
         "clean": _make_split(raw, trusted, original[trusted], original[trusted]) if len(trusted) else None,
+        "holdout": holdout,
         "val": _make_split(raw, val, original[val], original[val]) if val is not None else None,
         "test": Split(
             labels=torch.from_numpy(raw.test.labels),
@@ -346,7 +373,10 @@ def task_from_dataset(
             "clean": len(trusted),
             "val": 0 if val is None else len(val),
             "test": len(raw.test),
+            "holdout": 0 if holdout is None else len(holdout),
         },
+        "cv_fold": None if cv_fold is None else {"fold": int(cv_fold[0]), "folds": int(cv_fold[1]),
+                                                  "rule": "stratified by the noisy label, drawn from the seed, after the noise"},
         "clean_size_requested": clean_size,
         "clean_frac_requested": clean_frac,
         "clean_per_class_requested": per_class,

@@ -19,7 +19,7 @@ from nrcore.data.loader import Augmentation, Batch, BatchLoader, make_loader
 
 __all__ = ["SPLIT_NAMES", "Augmentation", "Batch", "BatchLoader", "Split", "Task"]
 
-SPLIT_NAMES = ("train", "clean", "val", "test")
+SPLIT_NAMES = ("train", "clean", "val", "test", "holdout")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Task:
     test: Split
     clean: Optional[Split] = None
     val: Optional[Split] = None
+    holdout: Optional[Split] = None  # with cv_fold: the noisy training examples of the held-out fold
     noise: Any = None  # nrcore.data.NoiseSpec
     noise_rate_nominal: Optional[float] = None
     noise_rate_realized: float = 0.0
@@ -91,12 +92,12 @@ class Task:
     augmentation: Optional[Augmentation] = None
 
     def split(self, name: str) -> Split:
-        """The split called `name` ("train", "clean", "val" or "test")."""
+        """The split called `name` ("train", "clean", "val", "test" or "holdout")."""
         if name not in SPLIT_NAMES:
             raise ValueError(f"unknown split {name!r}; choose one of: {', '.join(SPLIT_NAMES)}")
         split = getattr(self, name)
         if split is None:
-            hint = "build_task(clean_size=... or clean_frac=...)" if name == "clean" else "build_task(val_size=...)"
+            hint = {"clean": "build_task(clean_size=... or clean_frac=...)", "holdout": "build_task(cv_fold=(k, K))"}.get(name, "build_task(val_size=...)")
             raise ValueError(f"this task has no {name!r} split; ask for one with {hint}")
         return split
 

@@ -41,6 +41,7 @@ class TrainConfig:
     use_clean_in_train: bool = False
     train_size: Optional[int] = None  # train on a class-balanced subset of the training pool (trusted/val from the rest)
     data_seed: int = 0  # fixes that subset; independent of `seed`, so every run seed sees the same images
+    cv_fold: Optional[str] = None  # "k/K": train on all but fold k of K of the noisy training set (cross-validated predictions)
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
@@ -228,6 +229,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("give at most one of --clean-size and --clean-frac")
     if cfg.clean_frac is not None and not 0 < cfg.clean_frac < 1:
         raise ValueError(f"--clean-frac must be in (0, 1), got {cfg.clean_frac}")
+    if cfg.cv_fold is not None:
+        parse_cv_fold(cfg.cv_fold)
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
         raise ValueError(f"--milestones must be increasing positive epochs, got {cfg.milestones}")
     from nrcore.methods import get_method
@@ -237,6 +240,17 @@ def validate(cfg: TrainConfig) -> None:
         value = cfg.method_options.get(opt.name)
         if opt.type is float and value is not None:
             check_number(opt.name, value)
+
+
+def parse_cv_fold(text: str) -> tuple:
+    """"k/K" -> (k, K): fold k (1-based) of K held out."""
+    try:
+        k, K = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--cv-fold must be K/N, e.g. 2/5 (fold 2 of 5 held out), got {text!r}") from None
+    if K < 2 or not 1 <= k <= K:
+        raise ValueError(f"--cv-fold must be K/N with N >= 2 folds and 1 <= K <= N, got {text!r}")
+    return k, K
 
 
 def channels_last_for(cfg: TrainConfig, device) -> bool:

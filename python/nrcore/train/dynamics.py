@@ -108,12 +108,14 @@ def default_signal(method_default: Optional[str], signals: Dict[str, ExampleSign
     raise ValueError(f"no audit signal among {sorted(signals)}")
 
 
-def write_audit_file(run_dir: Path, signals: Dict[str, ExampleSignal], *, default: str, method: str, first_epoch: int, absent: Dict[str, str]) -> Path:
+def write_audit_file(run_dir: Path, signals: Dict[str, ExampleSignal], *, default: str, method: str, first_epoch: int,
+                     absent: Dict[str, str], extra: Optional[Dict[str, np.ndarray]] = None) -> Path:
     """RUN_DIR/audit.npz: `{name}__score` (float64 [n]) and, where there is one,
     `{name}__suggestion` (int64 [n]) per signal, and `meta`, a JSON string: format, method,
     default signal, each signal's description, the signals the run lacks and why, and the first
-    epoch the training dynamics cover."""
-    arrays: Dict[str, np.ndarray] = {}
+    epoch the training dynamics cover. `extra`: other arrays (a --cv-fold run's `holdout__probs`
+    [m, C] and `holdout__source_index` [m], the final model's posterior on its held-out fold)."""
+    arrays: Dict[str, np.ndarray] = dict(extra or {})
     described = {}
     for name, signal in signals.items():
         arrays[f"{name}__score"] = signal.score.detach().double().cpu().numpy()

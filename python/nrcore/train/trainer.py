@@ -34,7 +34,7 @@ import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.atomic import atomic_write_bytes, atomic_write_json
 from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
-from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor
+from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor, parse_cv_fold
 from nrcore.train.dynamics import TrainingDynamics, default_signal, prediction_signal, write_audit_file
 from nrcore.models.inference import evaluate
 from nrcore.train.metrics import weight_stats
@@ -66,6 +66,7 @@ def build_run_task(cfg: TrainConfig):
         use_clean_in_train=cfg.use_clean_in_train,
         train_size=cfg.train_size,
         data_seed=cfg.data_seed,
+        cv_fold=parse_cv_fold(cfg.cv_fold) if cfg.cv_fold else None,
         download=cfg.download,
         verify_checksums=cfg.verify_checksums,
     )
@@ -380,6 +381,10 @@ class Trainer:
         if clash:
             raise ValueError(f"method {self.cfg.method!r} names audit signals {clash} that the trainer already saves")
         signals.update(own)
+        extra = {}
+        if task.holdout is not None:  # cross-validation: the held-out fold's posterior (what cleanlab reads)
+            held_probs, _ = predict_split(method.eval_model(), task, "holdout", eval_batch_size_for(self.cfg, self.device), self.device)
+            extra = {"holdout__probs": held_probs.double().cpu().numpy(), "holdout__source_index": task.holdout.source_index.numpy()}
         absent = {}
         if "aum" not in signals:
             absent["aum"] = f"{self.cfg.method}'s training step returns no logits (StepOutput.logits)"
@@ -387,7 +392,7 @@ class Trainer:
             absent["weight_area"] = absent["weight"] = f"{self.cfg.method} keeps no per-example weights"
         write_audit_file(
             self.run_dir, signals, default=default_signal(type(method).audit_default, signals), method=self.cfg.method,
-            first_epoch=self.dynamics.first_epoch, absent=absent,
+            first_epoch=self.dynamics.first_epoch, absent=absent, extra=extra,
         )
 
     def _write_weights(self, weights: torch.Tensor) -> None:
