@@ -139,3 +139,12 @@ def test_figure_legends_count_a_copied_run_once(synthetic_runs, tmp_path, monkey
     accuracy = next(names for names in legends if any(n.startswith("ce ") for n in names))
     assert "ce (2 seeds)" in accuracy, accuracy
     assert any("ce-copy" in n and "counted once" in n for n in report.notes)
+
+
+def test_a_run_with_audit_signals_gets_a_precision_recall_figure(run_tiny, tmp_path):
+    _, run_dir = run_tiny("fbr", noise="sym50", epochs=2)
+    report = render_report([run_dir], tmp_path / "out")
+    figures = [p for p in report.figures if p.name.startswith("label-issues")]
+    assert len(figures) == 1, [p.name for p in report.figures]
+    check_png(figures[0])
+    assert figures[0].name in (tmp_path / "out" / "index.md").read_text()

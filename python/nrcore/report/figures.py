@@ -376,6 +376,29 @@ def plot_label_correction(run: Run, label: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_label_issues(run: Run, label: str, path: Path) -> Optional[Path]:
+    """Precision-recall curves of each of the run's audit signals (nrcore audit) for finding its
+    mislabelled training examples; None when the run does not know its true labels."""
+    from nrcore.audit.core import average_precision, load_audit, precision_recall_curve
+
+    audit = load_audit(run.path)
+    if not audit.knows_truth:
+        return None
+    noisy = audit.given != audit.true
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
+    for name in sorted(audit.signals, key=lambda n: n != audit.default):
+        score = audit.signals[name].score
+        recall, precision = precision_recall_curve(score, noisy)
+        mark = ", default" if name == audit.default else ""
+        ax.plot(recall, precision, lw=2 if mark else 1.2, label=f"{name}{mark} (AP {average_precision(score, noisy):.3f})")
+    ax.axhline(noisy.mean(), color="grey", ls=":", lw=1, label=f"chance ({100 * noisy.mean():.1f}% mislabelled)")
+    ax.set(xlabel="recall (mislabelled examples found)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(f"Finding the mislabelled training examples: {_run_title(run, label)}")
+    ax.legend(loc="lower left", frameon=False)
+    return _save(fig, path)
+
+
 # ---- the report -------------------------------------------------------------------------------
 @dataclass
 class Report:
@@ -449,12 +472,17 @@ def render_report(paths: Sequence[str], out: str | Path, every_seed: bool = Fals
                         wanted.append((plot_weight_by_label_pair, "weight-pairs", "weight by label pair"))
                 if run.label_correction_file is not None:
                     wanted.append((plot_label_correction, "label-correction", "label correction heatmap"))
+                if (run.path / "audit.npz").is_file():
+                    wanted.append((plot_label_issues, "label-issues", "precision-recall of the audit signals"))
                 per_run = []
                 for plot, kind, alt in wanted:
                     try:
-                        per_run.append((plot(run, key.label, figure_path(kind, name)), alt))
+                        drawn = plot(run, key.label, figure_path(kind, name))
                     except (OSError, KeyError, ValueError) as exc:  # one damaged file must not sink the report
                         report.notes.append(f"no {alt} for {run.path}: {type(exc).__name__}: {exc}")
+                        continue
+                    if drawn is not None:
+                        per_run.append((drawn, alt))
                 if per_run:
                     md += [f"### {key.label}, seed {run.seed}", "", f"Run directory: `{run.path}`", ""]
                     for path, alt in per_run:
