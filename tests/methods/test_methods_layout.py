@@ -8,44 +8,16 @@ import torch
 from nrcore.methods import registry
 
 
-@pytest.fixture(scope="module")
-def digits_task():
-    from nrcore.data import build_task
-
-    return build_task("digits", noise="sym50", clean_size=100, val_size=100, seed=0)
-
-
-def _two_steps(task, method_name: str, options: dict, channels_last: bool):
-    from nrcore.methods.base import MethodContext, OptimConfig
-    from nrcore.models import build_model
-
-    cls = registry()[method_name]
-    ctx = MethodContext(task, "cpu", lambda: build_model("cnn", task.input_shape, task.num_classes),
-                        OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4), epochs=4, batch_size=32, seed=0,
-                        channels_last=channels_last)
-    torch.manual_seed(0)
-    method = cls(ctx, **{**{o.name: o.default for o in cls.options}, **options})
-    method.start_epoch(method.num_epochs(ctx.epochs) - 1)  # phased methods in their last phase
-    batches = task.loader("train", 32, shuffle=True, generator=torch.Generator().manual_seed(1))
-    clean = task.loader("clean", 32, shuffle=True, generator=torch.Generator().manual_seed(2)) if cls.needs_clean else None
-    clean_iter = iter(clean) if clean is not None else None
-    losses = []
-    for step, batch in enumerate(batches):
-        if step == 2:
-            break
-        losses.append(method.train_step(batch, next(clean_iter) if clean_iter else None).loss)
-    return torch.stack(losses), method.eval_model()
-
-
 # every method with its defaults, and the per-example-gradient recorder's conv path (meta's
 # default on this BatchNorm model is forward mode)
 CASES = [(name, {}) for name in sorted(registry())] + [("meta", {"hypergrad": "tangent"})]
 
 
 @pytest.mark.parametrize("method_name,options", CASES, ids=[n + "".join(f":{k}={v}" for k, v in o.items()) for n, o in CASES])
-def test_channels_last_changes_no_result(digits_task, method_name, options):
-    loss_default, model_default = _two_steps(digits_task, method_name, options, channels_last=False)
-    loss_cl, model_cl = _two_steps(digits_task, method_name, options, channels_last=True)
+def test_channels_last_changes_no_result(digits_task, run_steps, method_name, options):
+    loss_default, method_default = run_steps(digits_task, method_name, options, channels_last=False)
+    loss_cl, method_cl = run_steps(digits_task, method_name, options, channels_last=True)
+    model_default, model_cl = method_default.eval_model(), method_cl.eval_model()
     conv_weights = [p for p in model_cl.parameters() if p.dim() == 4]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
     assert any(not p.is_contiguous() for p in conv_weights)  # (a 1-channel weight is both)

@@ -143,6 +143,10 @@ class MethodContext:
         self.epochs = epochs
         self.batch_size = batch_size
         self.seed = seed
+        # Reading a device value on the host is free on the CPU, so a method may branch on one
+        # there; elsewhere it would wait for the device. Tests set False to run the accelerator's
+        # sync-free path on the CPU (under nrcore.train.sync_guard.no_host_sync).
+        self.host_reads_free = self.device.type == "cpu"
 
     @property
     def num_classes(self) -> int:

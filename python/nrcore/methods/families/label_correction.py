@@ -159,7 +159,7 @@ class SkippableStep:
         self._saved = None
 
     def _reads_ok(self, device: torch.device) -> bool:
-        return device.type == "cpu" if self.read_ok is None else self.read_ok
+        return device.type == "cpu" if self.read_ok is None else self.read_ok  # MethodContext.host_reads_free
 
     def _state_tensors(self) -> List[torch.Tensor]:
         # re-read each time: load_state_dict replaces the state tensors
@@ -253,7 +253,7 @@ class LabelCorrectionMethod(Method):
         self.named = trainable_params(self.model)
         self.params = list(self.named.values())
         self.meta_params = list(self.meta.parameters())
-        self.stepper = SkippableStep([self.opt, self.meta_opt], [self.model])
+        self.stepper = SkippableStep([self.opt, self.meta_opt], [self.model], read_ok=ctx.host_reads_free)
 
     def scheduled_optimizers(self):
         return [self.opt, self.meta_opt] if self.meta_schedule else [self.opt]
