@@ -60,7 +60,7 @@ def test_loading_labels_from_a_folder_without_them_is_a_clear_error(tmp_path):
 
 def test_info_holds_what_a_run_reports(task):
     info = task.info
-    assert info["sizes"] == {"pool": 1437, "train": 1287, "train_noisy": 1287, "clean": 100, "val": 50, "test": 360}
+    assert info["sizes"] == {"pool": 1437, "train": 1287, "train_noisy": 1287, "clean": 100, "val": 50, "test": 360, "holdout": 0}
     assert info["clean_per_class"] == [10] * 10 and sum(info["val_per_class"]) == 50
     assert info["noise_rate_nominal"] == 0.5 and abs(info["noise_rate_realized"] - 0.5) < 0.1
     assert info["seed"] == 3 and info["use_clean_in_train"] is False

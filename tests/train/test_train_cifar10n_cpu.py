@@ -88,6 +88,6 @@ def test_a_tiny_cifar10n_cpu_run_on_the_real_files_resumes_exactly(tmp_path, rea
     assert whole["status"] == resumed["status"] == "finished"
     assert whole["test_acc_last"] == resumed["test_acc_last"]
     task = whole["task"]
-    assert task["sizes"] == {"pool": 50000, "train": 300, "train_noisy": 300, "clean": 50, "val": 50, "test": 10000}
+    assert task["sizes"] == {"pool": 50000, "train": 300, "train_noisy": 300, "clean": 50, "val": 50, "test": 10000, "holdout": 0}
     assert 0.3 < task["noise_rate_realized"] < 0.5  # CIFAR-10N worst: 40.2% over all 50,000
     assert task["train_subset"]["per_class"] == [30] * 10
