@@ -175,6 +175,7 @@ def _train_command(shown_method=None):
     @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
     @click.option("--channels-last/--no-channels-last", default=None, help="Keep conv weights and activations in channels-last (NHWC) layout: the same computation up to float rounding, faster on the CPU. Default: on for CPU runs except double-backprop steps (mlc, --hypergrad autograd), off on CUDA.")
+    @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default=None, help="Mixed precision: forwards under autocast, float32 weights (fp16 with loss scaling, for methods whose gradients come from one backward). Default: off on the CPU, bf16 on CUDA where supported.")
     @click.option("--track-examples", type=int, default=None, help="Weight trajectories stored for per-example-weight methods (default 500).")
     @click.option("--track-per-epoch", type=int, default=None, help="Points per epoch of those trajectories (default 4; early phases happen within epoch 1).")
     @click.option("--download/--no-download", default=None, help="Fetch missing datasets through torchvision when it is installed.")

@@ -80,6 +80,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
+def backward_and_step(loss: torch.Tensor, optimizers, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    """`loss.backward()` then each optimiser's step; with a GradScaler (--amp fp16) the loss is
+    scaled, the gradients unscaled and checked, and a step with inf/NaN gradients skipped."""
+    if scaler is None:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+
+
 @dataclass
 class OptimConfig:
     """The main model's optimiser, resolved from the CLI/preset (SGD with momentum)."""
@@ -134,6 +148,7 @@ class MethodContext:
         batch_size: int,
         seed: int,
         channels_last: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
     ):
         self.task = task
         self.device = torch.device(device)
@@ -147,6 +162,19 @@ class MethodContext:
         # there; elsewhere it would wait for the device. Tests set False to run the accelerator's
         # sync-free path on the CPU (under nrcore.train.sync_guard.no_host_sync).
         self.host_reads_free = self.device.type == "cpu"
+        # --amp: forwards run under autocast to this dtype (None: full precision); parameters and
+        # optimiser state stay float32. float16 scales the losses (GradScaler) so small
+        # gradients do not underflow, which only methods with `supports_loss_scaling` allow.
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+
+    def autocast(self):
+        """The run's autocast context (a no-op without --amp). Its cache of low-precision weight
+        copies is off: the trainer holds the context over a whole epoch, and methods update a
+        network and run it again inside one step (meta models, weight nets), so a cached copy
+        would be a stale one."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
+                              cache_enabled=False)
 
     @property
     def num_classes(self) -> int:
@@ -283,6 +311,15 @@ class Method:
     def num_epochs(self, epochs: int) -> int:
         """How many trainer epochs a run of `epochs` takes (phased methods may need more)."""
         return epochs
+
+    # Whether --amp fp16 works: the step's gradients come from `backward_and_step` (one loss, a
+    # backward, optimiser steps), which the GradScaler can scale. Look-ahead and bilevel methods
+    # (autograd.grad through pseudo-updates, hypergradients) are not, and take bf16 instead.
+    supports_loss_scaling: ClassVar[bool] = False
+
+    def backward_and_step(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """`loss.backward()` then each optimiser's step, through the run's GradScaler under --amp fp16."""
+        backward_and_step(loss, optimizers, self.ctx.grad_scaler)
 
     @classmethod
     def suits_channels_last(cls, options: Dict[str, Any]) -> bool:

@@ -43,6 +43,7 @@ def bootstrap_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, mode
 @register
 class Bootstrap(Method):
     name = "bootstrap"
+    supports_loss_scaling = True
     summary = "bootstrapping: target mixes the noisy label with the model's soft (beta 0.95) or hard (beta 0.8) prediction"
     paper = "Reed et al., ICLR workshop 2015"
     options = (
@@ -68,8 +69,7 @@ class Bootstrap(Method):
         logits = self.model(batch.x)
         loss = bootstrap_loss(logits, batch.y, self.beta, self.mode).mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def end_epoch(self, epoch):

@@ -10,6 +10,7 @@ from nrcore.methods.base import Method, StepOutput, register
 @register
 class CrossEntropy(Method):
     name = "ce"
+    supports_loss_scaling = True
     summary = "plain cross-entropy on the noisy labels (baseline; trusted set unused unless --use-clean-in-train)"
     paper = "baseline"
 
@@ -25,8 +26,7 @@ class CrossEntropy(Method):
         logits = self.model(batch.x)
         loss = F.cross_entropy(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def eval_model(self):

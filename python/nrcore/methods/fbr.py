@@ -100,6 +100,7 @@ class FeatureReweightingBase(ReweightingMethod):
 @register
 class FeatureBasedReweighting(FeatureReweightingBase):
     name = "fbr"
+    supports_loss_scaling = True
     summary = "Feature-Based Reweighting: label-signed, row-shifted centred feature similarity to the clean set (Alg. 1)"
     paper = "Zhang, Holtz, Mishne, Cloninger, arXiv 2510.12209 (2025)"
     presets = {"fbr-cifar10": dict(dataset="cifar10", **PAPER_SETTING), "fbr-cifar100": dict(dataset="cifar100", **PAPER_SETTING)}
@@ -115,5 +116,5 @@ class FeatureBasedReweighting(FeatureReweightingBase):
         direction = ops.fbr_direction(feats.detach(), batch.y, self.stats, **self.direction_kwargs())
         ops.fbr_update_(self.weights, batch.index, direction, self.step_size)
         weights = self.weights[batch.index]
-        loss = weighted_update(self.opt, losses, weights)
+        loss = weighted_update(self.opt, losses, weights, scaler=self.ctx.grad_scaler)
         return StepOutput(loss=loss, stats={"batch_weight": weights.mean()}, logits=logits.detach())

@@ -83,6 +83,6 @@ class MetaWeightNet(ReweightingMethod):
         self.vnet_opt.step()
         with torch.no_grad():
             new_weights = self.vnet(fwd.losses)
-        self.weights[batch.index] = new_weights
+        self.weights[batch.index] = new_weights.to(self.weights.dtype)  # the weight net runs in bf16 under --amp
         loss = self.metagrad.step(fwd, self.step_weights(new_weights))
         return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": new_weights.mean()}, logits=fwd.logits)

@@ -22,9 +22,14 @@ def tensor(op: str, name: str, t, ndim: Optional[int] = None) -> torch.Tensor:
     return t
 
 
-def floating(op: str, name: str, t, ndim: Optional[int] = None) -> torch.Tensor:
-    """A float tensor of a dtype the kernels support on its device."""
+def floating(op: str, name: str, t, ndim: Optional[int] = None, *, widen_half: bool = True) -> torch.Tensor:
+    """A float tensor of a dtype the kernels support on its device, for an input the op only
+    reads. Half-precision inputs on the CPU (what autocast gives) come back as float32 unless
+    `widen_half` is False: the CPU kernels compute in float32 or float64, so nothing is lost over
+    accumulating in float32."""
     t = tensor(op, name, t, ndim)
+    if widen_half and t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
     allowed = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
@@ -79,7 +84,9 @@ def tensor_list(op: str, name: str, value, like: Optional[List[torch.Tensor]] = 
         raise ValueError(f"{op}: {name} is empty")
     if like is not None and len(value) != len(like):
         raise ValueError(f"{op}: {name} has {len(value)} tensors but {like_name} has {len(like)}; the lists must be parallel")
-    first = floating(op, f"{name}[0]", value[0])
+    # gradient lists (the barrier ops) come from float32 master weights: a half list on the CPU
+    # is refused by dtype rather than copied whole every step
+    first = floating(op, f"{name}[0]", value[0], widen_half=False)
     dtype, device = first.dtype, first.device
     if like is not None and dtype != like[0].dtype:
         raise TypeError(f"{op}: {name} has dtype {dtype} but {like_name} has {like[0].dtype}; they must match")

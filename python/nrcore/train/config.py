@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 SCHEDULES = ("multistep", "cosine", "constant")
+AMP_MODES = (None, "off", "bf16", "fp16")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None
     channels_last: Optional[bool] = None  # None: auto, by device and method (nrcore.models.resolve_channels_last)
+    amp: Optional[str] = None  # mixed precision: off, bf16, fp16; None: off on the CPU, bf16 on CUDA where supported
     download: bool = False
     verify_checksums: bool = True
     track_examples: int = 500  # per-example-weight methods: how many weight trajectories to store
@@ -224,6 +226,8 @@ def validate(cfg: TrainConfig) -> None:
         positive(name, getattr(cfg, name))
     for name in ("momentum", "weight_decay", "val_size", "track_examples", "track_per_epoch"):
         positive(name, getattr(cfg, name), allow_zero=True)
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(m for m in AMP_MODES if m)}, got {cfg.amp!r}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.clean_size is not None and cfg.clean_frac is not None:
@@ -241,6 +245,19 @@ def validate(cfg: TrainConfig) -> None:
         value = cfg.method_options.get(opt.name)
         if opt.type is float and value is not None:
             check_number(opt.name, value)
+
+
+def amp_dtype_for(cfg: TrainConfig, device):
+    """The autocast dtype of the run (None: full precision). `--amp` unset: off on the CPU (its
+    convolutions gain little from bf16 and the bilevel methods' look-aheads lose precision),
+    bf16 on a CUDA device that supports it (no loss scaling needed), else off."""
+    import torch
+
+    mode = cfg.amp
+    if mode is None:
+        device = torch.device(device)
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def parse_cv_fold(text: str) -> tuple:

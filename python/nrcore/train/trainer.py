@@ -34,7 +34,7 @@ import nrcore
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.atomic import atomic_write_bytes, atomic_write_json
 from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
-from nrcore.train.config import TrainConfig, changed_settings, channels_last_for, eval_batch_size_for, lr_factor, parse_cv_fold
+from nrcore.train.config import TrainConfig, amp_dtype_for, changed_settings, channels_last_for, eval_batch_size_for, lr_factor, parse_cv_fold
 from nrcore.train.dynamics import TrainingDynamics, default_signal, prediction_signal, write_audit_file
 from nrcore.models.inference import evaluate
 from nrcore.train.metrics import weight_stats
@@ -133,6 +133,12 @@ class Trainer:
         task = build_run_task(cfg)
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
+        amp_dtype = amp_dtype_for(cfg, self.device)
+        if amp_dtype == torch.float16 and not cls.supports_loss_scaling:
+            raise ValueError(
+                f"--amp fp16: {cfg.method} computes gradients through look-aheads or autograd.grad, which loss scaling "
+                "does not cover (small float16 gradients would underflow); use --amp bf16"
+            )
         self.task = task
 
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -145,6 +151,7 @@ class Trainer:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             channels_last=channels_last_for(cfg, self.device),
+            amp_dtype=amp_dtype,
         )
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
@@ -168,13 +175,15 @@ class Trainer:
         status = "finished"
         try:
             for epoch in range(start_epoch, self.total_epochs):
-                self._run_epoch(epoch)
+                with ctx.autocast():  # --amp: every forward of the epoch, evaluation included
+                    self._run_epoch(epoch)
                 if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch and epoch + 1 < self.total_epochs:
                     status = f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {self.run_dir}"
                     break
             if status == "finished":
                 self.method.save_artifacts(self.run_dir)
-                self._write_audit()
+                with ctx.autocast():
+                    self._write_audit()
         except NonFiniteLossError as exc:
             self._write_summary(status=f"diverged: {exc}")
             raise
@@ -218,6 +227,8 @@ class Trainer:
         self.trajectory = list(trainer["trajectory"])
         self.trajectory_epochs = list(trainer["trajectory_epochs"])
         self.dynamics.load_state_dict(trainer.get("dynamics"), int(state["epoch"]))
+        if self.ctx.grad_scaler is not None and trainer.get("grad_scaler"):
+            self.ctx.grad_scaler.load_state_dict(trainer["grad_scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         return int(state["epoch"])
 
@@ -357,6 +368,7 @@ class Trainer:
             "trainer": {
                 "history": self.history, "trajectory": self.trajectory, "trajectory_epochs": self.trajectory_epochs,
                 "dynamics": self.dynamics.state_dict(),
+                "grad_scaler": None if self.ctx.grad_scaler is None else self.ctx.grad_scaler.state_dict(),
             },
             "rng": {"torch": torch.get_rng_state()},
         }
@@ -445,6 +457,7 @@ class Trainer:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "channels_last": self.ctx.channels_last,  # the layout used (config: null = auto)
+            "amp": str(self.ctx.amp_dtype).replace("torch.", "") if self.ctx.amp_dtype is not None else "off",
             "ops_backend": _ops_backend(),
             "versions": {"nrcore": nrcore.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "task": task.info,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
-from nrcore.methods.base import Method, MethodContext, Option
+from nrcore.methods.base import Method, MethodContext, Option, backward_and_step
 
 HYPERGRAD_MODES = ("auto", "tangent", "jvp", "autograd")
 HYPERGRAD_OPTION = Option(
@@ -67,14 +67,15 @@ def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
-def weighted_update(optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
+def weighted_update(optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *, mean: bool = True,
+                    scaler=None) -> torch.Tensor:
     """The real update `θ <- opt(θ, ∇θ (1/B) Σ_i w_i l_i)` by autograd (`Σ_i w_i l_i` with
-    `mean=False`, for weights that already sum to one); returns that loss, detached."""
+    `mean=False`, for weights that already sum to one), through `scaler` under --amp fp16;
+    returns that loss, detached."""
     weighted = weights.detach() * losses
     loss = weighted.mean() if mean else weighted.sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    backward_and_step(loss, [optimizer], scaler)
     return loss.detach()
 
 
@@ -251,7 +252,8 @@ def loss_derivatives_along(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d
     directional derivative of the per-example losses, exact also through train-mode BatchNorm
     (whose batch statistics move with θ; throw-away buffers, running statistics untouched)."""
     params = {n: p.detach() for n, p in trainable_params(model).items()}
-    _, out = torch.func.jvp(lambda p: per_example_ce(functional_forward(model, p, x), y), (params,), ({n: direction[n] for n in params},))
+    with torch.autocast(x.device.type, enabled=False):  # forward-mode AD does not compose with autocast: this pass stays float32
+        _, out = torch.func.jvp(lambda p: per_example_ce(functional_forward(model, p, x), y), (params,), ({n: direction[n] for n in params},))
     return out
 
 

@@ -82,6 +82,8 @@ class TwoNetworkSelection(Method):
     examples selected by their peer. Subclasses define `losses(logits1, logits2, batch)`
     returning (loss1, loss2, stats). The first network is the one evaluated."""
 
+    supports_loss_scaling = True
+
     def __init__(self, ctx, forget_rate: Optional[float], num_gradual: int, forget_exponent: float):
         super().__init__(ctx)
         self.model1 = self.track("model1", ctx.build_model())
@@ -115,9 +117,8 @@ class TwoNetworkSelection(Method):
         loss1, loss2, stats = self.losses(logits1, logits2, batch)
         self.opt1.zero_grad(set_to_none=True)
         self.opt2.zero_grad(set_to_none=True)
-        (loss1 + loss2).backward()  # the two graphs are disjoint: each network gets its own gradient
-        self.opt1.step()
-        self.opt2.step()
+        # the two graphs are disjoint: each network gets its own gradient
+        self.backward_and_step(loss1 + loss2, self.opt1, self.opt2)
         return StepOutput(loss=((loss1 + loss2) / 2).detach(), stats=stats, logits=logits1.detach())
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:

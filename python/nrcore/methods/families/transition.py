@@ -107,6 +107,8 @@ class TransitionCorrection(Method):
     `estimate_transition()`. Changing `--epochs` when resuming moves the phase boundary: don't.
     """
 
+    supports_loss_scaling = True
+
     def __init__(self, ctx, phased: bool, initial_transition: Optional[torch.Tensor] = None):
         super().__init__(ctx)
         self.phased = phased
@@ -160,8 +162,7 @@ class TransitionCorrection(Method):
         else:
             loss, logits = self.phase1_loss(batch)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), logits=logits.detach())
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
