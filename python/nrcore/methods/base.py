@@ -282,6 +282,15 @@ class Method:
         their clean/noisy means, AUROC and trajectories); None otherwise."""
         return None
 
+    def example_state(self) -> Dict[str, torch.Tensor]:
+        """Every per-example tensor ([n_train, ...], rows in `Batch.index` order) that a training
+        step writes at its batch's rows: per-example weights, running targets, selection counts.
+        Under torchrun each rank steps on its slice of the global batch and the trainer gathers
+        these rows after every step, so all ranks hold the same state; a tensor a step writes
+        and that is missing here would drift apart between ranks. Default: `example_weights()`."""
+        weights = self.example_weights()
+        return {} if weights is None else {"weights": weights}
+
     def save_artifacts(self, run_dir: Path) -> None:
         """Write method-specific analysis files at the end of a run (e.g. MLC's corrected-label
         confusion matrix). Optional."""
