@@ -23,6 +23,7 @@ import click
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_RANK_LOST = 4  # torchrun: another process of the run died (the last checkpoint is intact)
 
 
 class _LazyGroup(click.Group):
@@ -175,6 +176,8 @@ def _train_command(shown_method=None):
     @click.option("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
     @click.option("--channels-last/--no-channels-last", default=None, help="Keep conv weights and activations in channels-last (NHWC) layout: the same computation up to float rounding, faster on the CPU. Default: on for CPU runs except double-backprop steps (mlc, --hypergrad autograd), off on CUDA.")
+    @click.option("--sync-bn/--no-sync-bn", default=None, help="Under torchrun: BatchNorm layers normalise with the statistics of the whole global batch (exactly the one-process run), not each process's slice.")
+    @click.option("--dist-timeout", type=float, default=None, help="Under torchrun: seconds a collective waits for the other processes before the run stops with an error (default 600).")
     @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default=None, help="Mixed precision: forwards under autocast, float32 weights (fp16 with loss scaling, for methods whose gradients come from one backward). Default: off on the CPU, bf16 on CUDA where supported.")
     @click.option("--track-examples", type=int, default=None, help="Weight trajectories stored for per-example-weight methods (default 500).")
     @click.option("--track-per-epoch", type=int, default=None, help="Points per epoch of those trajectories (default 4; early phases happen within epoch 1).")
@@ -234,6 +237,8 @@ def _run_train(kwargs: Dict[str, Any], method_option_names) -> None:
     except NonFiniteLossError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_DIVERGED)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return
     line = f"{summary['status']}: {cfg.method} on {cfg.dataset}/{cfg.noise}: test acc last {_pct(summary['test_acc_last'])}"
     if summary["test_acc_best_val"] is not None:
         line += f", at best val (epoch {summary['best_val_epoch']}) {_pct(summary['test_acc_best_val'])}"
@@ -286,6 +291,13 @@ def presets_cmd():
         click.echo(f"{name}: {settings}")
 
 
+def _is_rank_lost(exc: BaseException) -> bool:
+    """An error of nrcore.parallel (imported only now: `--help` does not load torch)."""
+    from nrcore.parallel import RankLostError
+
+    return isinstance(exc, RankLostError)
+
+
 def main(argv=None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
     cli.add_command(_train_command(_method_in_argv(argv)))
@@ -307,6 +319,11 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; the last finished epoch is checkpointed (resume with --resume RUN_DIR)", err=True)
         sys.exit(130)
+    except RuntimeError as exc:
+        if not _is_rank_lost(exc):
+            raise
+        click.echo(f"error: {exc}", err=True)  # torchrun: another process died or the launcher stopped this one
+        sys.exit(EXIT_RANK_LOST)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,18 @@ class Batch:
     y: torch.Tensor
     index: torch.Tensor
     y_true: Optional[torch.Tensor] = None
+    # under torchrun (nrcore.parallel): this rank's slice of a global batch of `whole_size`
+    # examples, starting at position `offset` of it; None: the batch is whole
+    whole_size: Optional[int] = None
+    offset: int = 0
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def total(self) -> int:
+        """The size of the global batch this is (a slice of): what per-batch means divide by."""
+        return len(self) if self.whole_size is None else self.whole_size
 
 
 @dataclass(frozen=True)
@@ -78,22 +87,29 @@ class _BatchTransform:
         self.out_size = int(task.input_shape[-1])
         self.device = device
 
-    def __call__(self, x: torch.Tensor, augment: bool, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, augment: bool, generator: Optional[torch.Generator], *, offset: int = 0,
+                 whole_size: Optional[int] = None) -> torch.Tensor:
+        """`whole_size`: `x` holds rows `offset ...` of a batch of that many, for which the
+        augmentation is drawn (under torchrun a rank's slice draws what the whole batch would,
+        so every rank's generator stays in step, and keeps its rows)."""
         aug = self.augmentation
         if augment and aug is not None:
-            x = self._random_crop_flip(x, aug, generator)
+            offsets, flips = self._draw(aug, whole_size or x.shape[0], x.shape[-1], generator)
+            rows = slice(offset, offset + x.shape[0])
+            x = crop_and_flip(x, offsets[:, rows].to(self.device), flips[rows].to(self.device), aug.pad, aug.crop)
         elif x.shape[-1] != self.out_size:
             start = (x.shape[-1] - self.out_size) // 2
             x = x[:, :, start : start + self.out_size, start : start + self.out_size]
         return torch.addcmul(self.shift, x.float(), self.scale)
 
-    def _random_crop_flip(self, x: torch.Tensor, aug: Augmentation, generator: Optional[torch.Generator]) -> torch.Tensor:
-        batch, size = x.shape[0], x.shape[-1]
+    @staticmethod
+    def _draw(aug: Augmentation, batch: int, size: int, generator: Optional[torch.Generator]):
+        """(offsets [2, batch], flips [batch]) on the CPU generator, so a batch depends only on
+        (seed, epoch), whatever the device."""
         span = size + 2 * aug.pad - aug.crop
-        # drawn on the CPU generator, so a batch depends only on (seed, epoch), whatever the device
-        offsets = torch.randint(0, span + 1, (2, batch), generator=generator).to(self.device)
+        offsets = torch.randint(0, span + 1, (2, batch), generator=generator)
         flips = (torch.rand(batch, generator=generator) < 0.5) if aug.flip else torch.zeros(batch, dtype=torch.bool)
-        return crop_and_flip(x, offsets, flips.to(self.device), aug.pad, aug.crop)
+        return offsets, flips
 
 
 def crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int, crop: int) -> torch.Tensor:
@@ -119,13 +135,18 @@ def _check_batch_size(batch_size: int) -> int:
 
 
 class _SplitLoader(BatchLoader):
-    def __init__(self, task, split, batch_size, *, shuffle, augment, drop_last, generator, device):
+    """`ranks` (a nrcore.parallel.Ranks under torchrun): every rank draws the same global
+    batches and keeps its slice of each (`Ranks.slice_bounds`); only its rows are read, decoded
+    and augmented."""
+
+    def __init__(self, task, split, batch_size, *, shuffle, augment, drop_last, generator, device, ranks=None):
         self.split = split  # nrcore.data.types.Split
         self.batch_size = _check_batch_size(batch_size)
         self.shuffle, self.augment, self.drop_last = bool(shuffle), bool(augment), bool(drop_last)
         self.generator = generator
         self.device = torch.device(device)
         self.transform = _BatchTransform(task, self.device)
+        self.ranks = ranks if ranks is not None and ranks.distributed else None
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -134,18 +155,27 @@ class _SplitLoader(BatchLoader):
     def _order(self) -> Optional[torch.Tensor]:
         return torch.randperm(len(self.split), generator=self.generator) if self.shuffle else None
 
-    def _index_batches(self, order: Optional[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def _index_batches(self, order: Optional[torch.Tensor]) -> Iterator[Tuple[torch.Tensor, int, Optional[int]]]:
+        """(this rank's rows of the global batch, where they start in it, the global batch's size
+        or None when the batch is whole)."""
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.split))
-            yield torch.arange(lo, hi) if order is None else order[lo:hi]
+            index = torch.arange(lo, hi) if order is None else order[lo:hi]
+            if self.ranks is None:
+                yield index, 0, None
+            else:
+                start, stop = self.ranks.slice_bounds(len(index))
+                yield index[start:stop], start, len(index)
 
-    def _batch(self, x_uint8: torch.Tensor, index: torch.Tensor) -> Batch:
+    def _batch(self, x_uint8: torch.Tensor, index: torch.Tensor, offset: int = 0, whole_size: Optional[int] = None) -> Batch:
         nb = self.device.type == "cuda"
         return Batch(
-            x=self.transform(x_uint8, self.augment, self.generator),
+            x=self.transform(x_uint8, self.augment, self.generator, offset=offset, whole_size=whole_size),
             y=self.split.labels[index].to(self.device, non_blocking=nb),
             index=index.to(self.device, non_blocking=nb),
             y_true=self.split.true_labels[index].to(self.device, non_blocking=nb),
+            whole_size=whole_size,
+            offset=offset,
         )
 
 
@@ -155,12 +185,12 @@ class InMemoryLoader(_SplitLoader):
     def __iter__(self) -> Iterator[Batch]:
         images = self.split.images_on(self.device)
         order = self._order()
-        for index in self._index_batches(order):
-            if order is None:  # a contiguous slice: no copy
+        for index, offset, whole_size in self._index_batches(order):
+            if order is None and len(index):  # a contiguous slice: no copy
                 x = images[int(index[0]) : int(index[-1]) + 1]
             else:
                 x = images.index_select(0, index.to(self.device))
-            yield self._batch(x, index)
+            yield self._batch(x, index, offset, whole_size)
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -186,23 +216,23 @@ class StreamingLoader(_SplitLoader):
         self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[Batch]:
-        batches: List[torch.Tensor] = list(self._index_batches(self._order()))
+        batches = list(self._index_batches(self._order()))
         decoded = torch.utils.data.DataLoader(
             _Decoded(self.split.source),
-            batch_sampler=[b.tolist() for b in batches],
+            batch_sampler=[index.tolist() for index, _, _ in batches],
             num_workers=self.num_workers,
             collate_fn=torch.stack,
             pin_memory=self.device.type == "cuda",
         )
-        for index, x in zip(batches, decoded):
-            yield self._batch(x.to(self.device, non_blocking=True), index)
+        for (index, offset, whole_size), x in zip(batches, decoded):
+            yield self._batch(x.to(self.device, non_blocking=True), index, offset, whole_size)
 
 
-def make_loader(task, split, batch_size: int, *, shuffle, augment, drop_last, generator, device, num_workers) -> BatchLoader:
+def make_loader(task, split, batch_size: int, *, shuffle, augment, drop_last, generator, device, num_workers, ranks=None) -> BatchLoader:
     """Batches of `split` (a nrcore.data.types.Split of `task`, a Task): what Task.loader returns.
     Tasks and splits are only read here (mean/std, augmentation, images), never imported, so this
     module sits below types.py."""
-    options = dict(shuffle=shuffle, augment=augment, drop_last=drop_last, generator=generator, device=device)
+    options = dict(shuffle=shuffle, augment=augment, drop_last=drop_last, generator=generator, device=device, ranks=ranks)
     if split.images is not None:
         return InMemoryLoader(task, split, batch_size, **options)
     if split.source is not None:

@@ -112,6 +112,7 @@ class Task:
         generator: Optional[torch.Generator] = None,
         device: torch.device | str = "cpu",
         num_workers: Optional[int] = None,
+        ranks=None,
     ) -> "BatchLoader":
         """Batches of split `split` ("train", "clean", "val" or "test").
 
@@ -121,8 +122,10 @@ class Task:
                      global generator (as `torch.utils.data.DataLoader` does)
         device:      where batches are built; in-memory images are copied there once
         num_workers: decoding processes for streamed splits (Clothing1M); ignored otherwise
+        ranks:       a nrcore.parallel.Ranks of several processes: each global batch is cut in
+                     slices and this rank gets its own (`Batch.offset`, `Batch.whole_size`)
         """
         return make_loader(
             self, self.split(split), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
-            generator=generator, device=device, num_workers=num_workers,
+            generator=generator, device=device, num_workers=num_workers, ranks=ranks,
         )

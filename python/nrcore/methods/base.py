@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from nrcore.data.types import Batch, Task
+from nrcore.parallel import Ranks
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def backward_and_step(loss: torch.Tensor, optimizers, scaler: Optional["torch.amp.GradScaler"] = None) -> None:
-    """`loss.backward()` then each optimiser's step; with a GradScaler (--amp fp16) the loss is
-    scaled, the gradients unscaled and checked, and a step with inf/NaN gradients skipped."""
+def backward_and_step(loss: torch.Tensor, optimizers, scaler: Optional["torch.amp.GradScaler"] = None, ranks: Optional[Ranks] = None,
+                      *, local_mean: bool = True) -> None:
+    """`loss.backward()` then each optimiser's step. With a GradScaler (--amp fp16) the loss is
+    scaled, the gradients unscaled and checked, and a step with inf/NaN gradients skipped. Under
+    torchrun (`ranks`) `loss` is this rank's part of the global batch's loss: a mean over its
+    slice (`local_mean`, scaled by its share) or a part of a global sum; the gradients are summed
+    over the ranks before the step (nrcore.parallel)."""
+    if ranks is not None and ranks.distributed and local_mean:
+        loss = ranks.scale_local(loss)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if ranks is not None:
+        ranks.sum_grads_(p for opt in optimizers for group in opt.param_groups for p in group["params"])
     if scaler is None:
-        loss.backward()
         for opt in optimizers:
             opt.step()
         return
-    scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
@@ -149,11 +157,17 @@ class MethodContext:
         seed: int,
         channels_last: bool = False,
         amp_dtype: Optional[torch.dtype] = None,
+        ranks: Optional[Ranks] = None,
+        sync_bn: bool = False,
     ):
         self.task = task
         self.device = torch.device(device)
         self._model_factory = model_factory
         self.channels_last = channels_last
+        # the processes of the run (nrcore.parallel; one by default) and --sync-bn: BatchNorm
+        # layers normalise with the statistics of the whole global batch
+        self.ranks = ranks if ranks is not None else Ranks(device=self.device)
+        self.sync_bn = sync_bn
         self.optim = optim
         self.epochs = epochs
         self.batch_size = batch_size
@@ -189,7 +203,15 @@ class MethodContext:
         seeds before constructing the method), its 4-d weights in channels-last layout when the
         run asks for it (same values up to float rounding; nrcore.models.resolve_channels_last)."""
         model = self._model_factory().to(self.device)
+        if self.sync_bn:
+            from nrcore.models.sync_batchnorm import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model, self.ranks)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def backward_and_step(self, loss: torch.Tensor, optimizers, *, local_mean: bool = True) -> None:
+        """`backward_and_step` with the run's GradScaler and ranks."""
+        backward_and_step(loss, optimizers, self.grad_scaler, self.ranks, local_mean=local_mean)
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter], **overrides) -> torch.optim.SGD:
         """SGD with the run's lr/momentum/weight decay (overrides win)."""
@@ -236,6 +258,10 @@ class Method:
         int/float/dict to be saved in checkpoints. Returns `obj` for chaining."""
         self._tracked[key] = obj
         return obj
+
+    def tracked_modules(self) -> List[nn.Module]:
+        """The networks the method tracks (its models, meta models, weight nets)."""
+        return [obj for obj in self._tracked.values() if isinstance(obj, nn.Module)]
 
     def state_dict(self) -> Dict[str, Any]:
         out = {}
@@ -327,8 +353,10 @@ class Method:
     supports_loss_scaling: ClassVar[bool] = False
 
     def backward_and_step(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
-        """`loss.backward()` then each optimiser's step, through the run's GradScaler under --amp fp16."""
-        backward_and_step(loss, optimizers, self.ctx.grad_scaler)
+        """`loss.backward()` then each optimiser's step, through the run's GradScaler under --amp
+        fp16 and, under torchrun, with gradients summed over the ranks: `loss` is a mean over
+        this rank's slice of the batch (the usual `.mean()`)."""
+        self.ctx.backward_and_step(loss, optimizers)
 
     @classmethod
     def suits_channels_last(cls, options: Dict[str, Any]) -> bool:

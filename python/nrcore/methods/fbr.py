@@ -107,7 +107,8 @@ class FeatureBasedReweighting(FeatureReweightingBase):
 
     @torch.no_grad()
     def clean_statistics(self, epoch):
-        feats, labels = split_features(self.model, self.ctx.task, "clean", self.ctx.batch_size, self.ctx.device)
+        with self.ctx.ranks.whole_batch():  # every rank passes the whole trusted set
+            feats, labels = split_features(self.model, self.ctx.task, "clean", self.ctx.batch_size, self.ctx.device)
         return ops.fbr_prepare(feats, labels, self.ctx.num_classes, center=self.center)
 
     def train_step(self, batch, clean):
@@ -116,5 +117,5 @@ class FeatureBasedReweighting(FeatureReweightingBase):
         direction = ops.fbr_direction(feats.detach(), batch.y, self.stats, **self.direction_kwargs())
         ops.fbr_update_(self.weights, batch.index, direction, self.step_size)
         weights = self.weights[batch.index]
-        loss = weighted_update(self.opt, losses, weights, scaler=self.ctx.grad_scaler)
+        loss = weighted_update(self.ctx, self.opt, losses, weights)
         return StepOutput(loss=loss, stats={"batch_weight": weights.mean()}, logits=logits.detach())

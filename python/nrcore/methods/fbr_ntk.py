@@ -119,7 +119,8 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         the scores `(ψ·M_1, ..., ψ·M_C, ψ·T)` (identity basis, projected mean)."""
         self.signs = self._draw_signs(epoch)
         C = self.ctx.num_classes
-        sums, sq_norms, counts = self._clean_class_sums()
+        with self.ctx.ranks.whole_batch():  # every rank passes the whole trusted set
+            sums, sq_norms, counts = self._clean_class_sums()
         m = int(counts.sum())
         total = {n: s.sum(0) for n, s in sums.items()}  # Σ_j ψ_j
         mean = {n: t / m if self.center else torch.zeros_like(t) for n, t in total.items()}
@@ -142,5 +143,5 @@ class FeatureBasedReweightingNTK(FeatureReweightingBase):
         direction = ops.fbr_direction(scores, batch.y, self.stats, **self.direction_kwargs())
         ops.fbr_update_(self.weights, batch.index, direction, self.step_size)
         weights = self.weights[batch.index]
-        loss = weighted_update(self.opt, per_example_ce(logits, batch.y), weights)
+        loss = weighted_update(self.ctx, self.opt, per_example_ce(logits, batch.y), weights)
         return StepOutput(loss=loss, stats={"batch_weight": weights.mean()}, logits=logits.detach())

@@ -30,15 +30,16 @@ class LearningToReweight(ReweightingMethod):
 
     def __init__(self, ctx, hypergrad):
         super().__init__(ctx)
-        self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad)
+        self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad, ctx=ctx)
 
     def train_step(self, batch, clean):
-        fwd = self.metagrad.forward(batch.x, batch.y)
+        fwd = self.metagrad.forward(batch.x, batch.y, batch.total)
         zeros = torch.zeros_like(fwd.losses)
         hypergrad, val_loss = self.metagrad.hypergradient(fwd, zeros, clean.x, clean.y, at_zero=True)
         useful = (-hypergrad).clamp_min(0.0)
         tiny = torch.finfo(useful.dtype).tiny  # all zero stays all zero
-        weights = useful / useful.sum().clamp_min(tiny)
-        self.weights[batch.index] = useful / useful.max().clamp_min(tiny)
+        ranks = self.ctx.ranks  # under torchrun: normalised over the whole batch
+        weights = useful / ranks.sum(useful.sum()).clamp_min(tiny)
+        self.weights[batch.index] = useful / ranks.max(useful.max()).clamp_min(tiny)
         loss = self.metagrad.step(fwd, weights, mean=False)
         return StepOutput(loss=loss, stats={"meta_loss": val_loss, "kept": (useful > 0).float().mean()}, logits=fwd.logits)

@@ -40,13 +40,13 @@ class MetaReweighting(ReweightingMethod):
         check_number("beta", beta, minimum=0)  # β < 0 would move weights against the clean loss
         super().__init__(ctx)
         self.beta = beta
-        self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad)
+        self.metagrad = MetaGradient(self.model, self.opt, rule="sgd", mode=hypergrad, ctx=ctx)
 
     def train_step(self, batch, clean):
-        fwd = self.metagrad.forward(batch.x, batch.y)
+        fwd = self.metagrad.forward(batch.x, batch.y, batch.total)
         w_old = self.weights[batch.index]
         hypergrad, val_loss = self.metagrad.hypergradient(fwd, w_old, clean.x, clean.y)
-        eta = self.opt.param_groups[0]["lr"] / len(batch)  # per-example step of the pseudo update
+        eta = self.opt.param_groups[0]["lr"] / batch.total  # per-example step of the pseudo update
         w_new = (w_old - (self.beta / eta) * hypergrad).clamp_(0.0, 1.0)
         self.weights[batch.index] = w_new
         loss = self.metagrad.step(fwd, w_new)

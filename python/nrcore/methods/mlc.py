@@ -80,6 +80,15 @@ class MetaLabelCorrection(LabelCorrectionMethod):
     def train_step(self, batch, clean):
         self.stepper.begin()
         lower, grads, upper, hypergrad, logits = self.gradients(batch, clean)
+        # Under torchrun each rank unrolls the look-ahead on its own slice (a differentiable sum
+        # over the ranks inside the unrolled graph is not done): the main gradient is the whole
+        # batch's, the hypergradient the slices' weighted mean (data-parallel, not the
+        # single-process step).
+        ranks = self.ctx.ranks
+        if ranks.distributed:
+            grads = [g.detach() * ranks.share for g in grads]
+            hypergrad = [g * ranks.share for g in hypergrad]
+            ranks.sum_(grads + hypergrad)
         ok = grads_finite(grads) & grads_finite(hypergrad)
         if self.stepper.known_bad(ok):
             self.stepper.undo()
@@ -114,7 +123,8 @@ class MetaLabelCorrection(LabelCorrectionMethod):
             forward = partial(functional_forward, self.model, params)
             step_loss = self._lower_loss(forward(batch.x), targets, mixed, forward)
             params, buffers = self.lookahead_sgd.step(params, grads_dict(step_loss, params, create_graph=True), buffers)
-        upper = F.cross_entropy(functional_forward(self.model, params, meta_batch.x), meta_batch.y)
+        with self.ctx.ranks.whole_batch():  # the trusted batch: whole on every rank
+            upper = F.cross_entropy(functional_forward(self.model, params, meta_batch.x), meta_batch.y)
         hypergrad = torch.autograd.grad(upper, self.meta_params)
         return lower, grads, upper, hypergrad, logits.detach()
 

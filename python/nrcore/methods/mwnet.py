@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from nrcore.methods.families.reweighting import HYPERGRAD_OPTION, MetaGradient, ReweightingMethod
+from nrcore.parallel import sum_over_ranks
 from nrcore.methods.base import Option, StepOutput, check_number, register
 
 
@@ -66,23 +67,26 @@ class MetaWeightNet(ReweightingMethod):
         self.normalize_weights = normalize_weights
         self.vnet = self.track("vnet", WeightNet(vnet_hidden).to(ctx.device))
         self.vnet_opt = self.track("vnet_optimizer", torch.optim.Adam(self.vnet.parameters(), lr=vnet_lr, weight_decay=vnet_weight_decay))
-        self.metagrad = MetaGradient(self.model, self.opt, rule="optimizer", mode=hypergrad)
+        self.metagrad = MetaGradient(self.model, self.opt, rule="optimizer", mode=hypergrad, ctx=ctx)
 
-    def step_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """The weights of the mean-form step `(1/B) Σ_i v_i l_i`: `V_φ(l_i)`, or rescaled to mean 1."""
+    def step_weights(self, weights: torch.Tensor, total: int) -> torch.Tensor:
+        """The weights of the mean-form step `(1/B) Σ_i v_i l_i`: `V_φ(l_i)`, or rescaled to mean 1
+        over the global batch of `total` (under torchrun `weights` is a rank's slice of it)."""
         if not self.normalize_weights:
             return weights
-        return weights * (weights.shape[0] / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny))
+        weight_sum = sum_over_ranks(weights.sum(), self.ctx.ranks)
+        return weights * (total / weight_sum.clamp_min(torch.finfo(weights.dtype).tiny))
 
     def train_step(self, batch, clean):
-        fwd = self.metagrad.forward(batch.x, batch.y)
-        weights = self.step_weights(self.vnet(fwd.losses))
+        fwd = self.metagrad.forward(batch.x, batch.y, batch.total)
+        weights = self.step_weights(self.vnet(fwd.losses), batch.total)
         hypergrad, val_loss = self.metagrad.hypergradient(fwd, weights.detach(), clean.x, clean.y)
         self.vnet_opt.zero_grad(set_to_none=True)
         weights.backward(hypergrad)  # chain rule: ∇φ L_val = Σ_i ∂L_val/∂v_i ∇φ v_i
+        self.ctx.ranks.sum_grads_(self.vnet.parameters())  # each rank's examples' part of that sum
         self.vnet_opt.step()
         with torch.no_grad():
             new_weights = self.vnet(fwd.losses)
         self.weights[batch.index] = new_weights.to(self.weights.dtype)  # the weight net runs in bf16 under --amp
-        loss = self.metagrad.step(fwd, self.step_weights(new_weights))
+        loss = self.metagrad.step(fwd, self.step_weights(new_weights, batch.total))
         return StepOutput(loss=loss, stats={"meta_loss": val_loss, "batch_weight": new_weights.mean()}, logits=fwd.logits)

@@ -5,35 +5,44 @@ scripts and analyses of finished runs.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nrcore.models.functional import functional_forward, trainable_params
+from nrcore.parallel import Ranks
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader, ranks: Optional[Ranks] = None) -> Dict[str, float]:
     """Accuracy and mean cross-entropy on a loader, in eval mode (BatchNorm running statistics
-    untouched); the model's previous mode is restored. One host sync at the end."""
+    untouched); the model's previous mode is restored. One host sync at the end. Under torchrun
+    (`ranks`, with a loader of this rank's slices) the counts are summed over the ranks."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    device = next(iter(model.parameters())).device
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     total = 0
     try:
         for batch in loader:
+            if len(batch) == 0:  # a rank's empty slice of a short last batch
+                continue
             logits = model(batch.x)
-            correct = correct.to(logits.device) + (logits.argmax(1) == batch.y).sum()
-            loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits.float(), batch.y, reduction="sum").double()
+            correct += (logits.argmax(1) == batch.y).sum()
+            loss_sum += F.cross_entropy(logits.float(), batch.y, reduction="sum").double()
             total += len(batch)
     finally:
         model.train(was_training)
+    sums = torch.stack([correct, loss_sum, torch.tensor(float(total), dtype=torch.float64, device=device)])
+    if ranks is not None:
+        sums = ranks.sum(sums)
+    correct, loss_sum, total = sums.tolist()
     if total == 0:
         return {"acc": float("nan"), "loss": float("nan")}
-    return {"acc": 100.0 * correct.item() / total, "loss": loss_sum.item() / total}
+    return {"acc": 100.0 * correct / total, "loss": loss_sum / total}
 
 
 @torch.no_grad()

@@ -48,6 +48,8 @@ class TrainConfig:
     threads: Optional[int] = None
     channels_last: Optional[bool] = None  # None: auto, by device and method (nrcore.models.resolve_channels_last)
     amp: Optional[str] = None  # mixed precision: off, bf16, fp16; None: off on the CPU, bf16 on CUDA where supported
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the whole global batch (nrcore.models.sync_batchnorm)
+    dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the other ranks before failing
     download: bool = False
     verify_checksums: bool = True
     track_examples: int = 500  # per-example-weight methods: how many weight trajectories to store

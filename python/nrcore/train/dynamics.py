@@ -57,6 +57,10 @@ class TrainingDynamics:
         self.prob_sum.index_add_(0, index, logits.softmax(dim=1))
         self.visits.index_add_(0, index, torch.ones_like(index))
 
+    def example_rows(self):
+        """The per-example accumulators a step writes at its batch's rows (for torchrun's gather)."""
+        return [self.margin_sum, self.prob_sum, self.visits]
+
     def observe_weights(self, weights: Optional[torch.Tensor]) -> None:
         if weights is not None:
             self.weight_sum += weights.detach().double()

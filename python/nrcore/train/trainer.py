@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import nrcore
+from nrcore import parallel
 from nrcore.methods.base import MethodContext, OptimConfig, derive_seed, get_method
 from nrcore.atomic import atomic_write_bytes, atomic_write_json
 from nrcore.train.checkpoint import load_checkpoint, save_checkpoint
@@ -41,7 +42,7 @@ from nrcore.train.metrics import weight_stats
 from nrcore.train.progress import Progress
 
 # Config keys that may differ when resuming (they do not change what is computed).
-RESUMABLE_CHANGES = {"epochs", "device", "threads", "channels_last", "eval_batch_size", "data_dir", "download", "verify_checksums"}
+RESUMABLE_CHANGES = {"epochs", "device", "threads", "channels_last", "eval_batch_size", "data_dir", "download", "verify_checksums", "dist_timeout"}
 NONFINITE_CHECK_EVERY = 50  # steps between host reads of the running loss (one sync each)
 
 
@@ -118,7 +119,17 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        # under torchrun: join the other ranks (each gets its own GPU); one process otherwise
+        self.ranks, self.device = parallel.start(resolve_device(cfg.device), cfg.dist_timeout)
+        try:
+            return self._run()
+        finally:
+            parallel.stop(self.ranks)
+
+    def _run(self) -> Dict[str, Any]:
+        cfg, ranks = self.cfg, self.ranks
+        if not ranks.is_main:
+            self.progress = Progress("quiet")  # one rank prints
         if self.stop_after_epoch is not None and (isinstance(self.stop_after_epoch, bool) or self.stop_after_epoch < 1):
             raise ValueError(f"--stop-after-epoch must be >= 1 (the epochs done when the run stops), got {self.stop_after_epoch}")
         self._check_run_dir()
@@ -133,6 +144,7 @@ class Trainer:
         task = build_run_task(cfg)
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
+        _check_slices(len(task.train), cfg.batch_size, ranks)
         amp_dtype = amp_dtype_for(cfg, self.device)
         if amp_dtype == torch.float16 and not cls.supports_loss_scaling:
             raise ValueError(
@@ -152,11 +164,13 @@ class Trainer:
             seed=cfg.seed,
             channels_last=channels_last_for(cfg, self.device),
             amp_dtype=amp_dtype,
+            ranks=ranks,
+            sync_bn=cfg.sync_bn,
         )
         self.ctx = ctx
         self.method = cls(ctx, **cfg.method_options)
         self.total_epochs = self.method.num_epochs(cfg.epochs)
-        if not self.resume:
+        if not self.resume and ranks.is_main:
             self._create_run_dir()
             save_task_labels(task, self.run_dir)
 
@@ -180,7 +194,7 @@ class Trainer:
                 if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch and epoch + 1 < self.total_epochs:
                     status = f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {self.run_dir}"
                     break
-            if status == "finished":
+            if status == "finished" and ranks.is_main:  # every rank holds the same final state
                 self.method.save_artifacts(self.run_dir)
                 with ctx.autocast():
                     self._write_audit()
@@ -270,8 +284,10 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
         method.start_epoch(epoch)
 
+        ranks = self.ranks
         loader = task.loader(
-            "train", cfg.batch_size, shuffle=True, augment=True, generator=self.ctx.generator(epoch, "train"), device=self.device
+            "train", cfg.batch_size, shuffle=True, augment=True, generator=self.ctx.generator(epoch, "train"), device=self.device,
+            ranks=ranks,
         )
         clean_batches = self._clean_batches(epoch)
         self.progress.start_epoch(epoch, self.total_epochs, len(loader))
@@ -285,20 +301,29 @@ class Trainer:
         t0 = time.perf_counter()
         for batch in loader:
             clean = next(clean_batches) if clean_batches is not None else None
+            ranks.begin_step(batch)
             out = method.train_step(batch, clean)
             self.dynamics.observe_step(batch.index, batch.y, out.logits)
-            loss_sum += out.loss.detach().double()
+            if ranks.distributed:  # every rank gets the rows the others wrote in this step
+                ranks.gather_rows_(list(method.example_state().values()) + self.dynamics.example_rows(), batch.index)
+            # the step's numbers are means over this rank's slice: weighted by its share, their
+            # sum over the ranks is the whole batch's (share 1 for one process)
+            loss_sum += out.loss.detach().double() * ranks.share
             for key, value in out.stats.items():
-                value = value.detach().double()
+                value = value.detach().double() * ranks.share
                 stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
             steps += 1
-            examples += len(batch)
+            examples += batch.total
             if track and (steps * cfg.track_per_epoch) // n_steps > ((steps - 1) * cfg.track_per_epoch) // n_steps:
                 snapshots.append((epoch + steps / n_steps, method.example_weights().detach()[self.tracked_index].float().clone()))
-            if steps % NONFINITE_CHECK_EVERY == 0 or self.progress.due():
-                running = loss_sum.item()  # the one host sync, every few steps
+            if steps % NONFINITE_CHECK_EVERY == 0 or (not ranks.distributed and self.progress.due()):
+                running = ranks.sum(loss_sum).item()  # the one host sync, every few steps (every rank, or none)
                 self._check_finite(running, epoch, steps)
                 self.progress.update(steps, examples, running / steps)
+        if ranks.distributed:
+            ranks.sum_([loss_sum] + [stat_sums[k] for k in sorted(stat_sums)])
+            if not cfg.sync_bn:  # each rank's BatchNorm saw its slices: evaluate (and go on) with the mean statistics
+                ranks.average_([b for m in method.tracked_modules() for b in m.buffers() if b.is_floating_point()])
         mean_loss = loss_sum.item() / max(steps, 1)  # also waits for queued device work
         train_seconds = time.perf_counter() - t0
         self._check_finite(mean_loss, epoch, steps)
@@ -320,10 +345,10 @@ class Trainer:
         t_eval = time.perf_counter()
         model = method.eval_model()
         eval_batch = eval_batch_size_for(cfg, self.device)
-        test = evaluate(model, task.loader("test", eval_batch, device=self.device))
+        test = evaluate(model, task.loader("test", eval_batch, device=self.device, ranks=ranks), ranks)  # each rank a slice
         record.update(test_acc=test["acc"], test_loss=test["loss"])
         if task.val is not None and len(task.val):
-            val = evaluate(model, task.loader("val", eval_batch, device=self.device))
+            val = evaluate(model, task.loader("val", eval_batch, device=self.device, ranks=ranks), ranks)
             record.update(val_acc=val["acc"], val_loss=val["loss"])
         weights = method.example_weights()
         self.dynamics.observe_weights(weights)
@@ -338,7 +363,10 @@ class Trainer:
         record["eval_seconds"] = time.perf_counter() - t_eval
         self.history.append(record)
 
-        self._save(epoch + 1, weights)
+        if ranks.distributed:
+            ranks.check_same(_state_tensors(method.state_dict()), "model and method state after the epoch")
+        if ranks.is_main:
+            self._save(epoch + 1, weights)
         self.progress.end_epoch(self._epoch_line(record))
 
     def _check_finite(self, value: float, epoch: int, step: int) -> None:
@@ -458,13 +486,39 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "channels_last": self.ctx.channels_last,  # the layout used (config: null = auto)
             "amp": str(self.ctx.amp_dtype).replace("torch.", "") if self.ctx.amp_dtype is not None else "off",
+            "processes": self.ranks.world_size,  # torchrun's ranks (1: one process)
             "ops_backend": _ops_backend(),
             "versions": {"nrcore": nrcore.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "task": task.info,
             "config": cfg.to_dict(),
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.ranks.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _state_tensors(state, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The floating tensors of a (nested) state dict, by dotted path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state} if state.is_floating_point() else {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(_state_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _check_slices(n_train: int, batch_size: int, ranks) -> None:
+    """Under torchrun every rank needs an example of every global batch (an empty slice has no
+    mean loss to take a part of)."""
+    if not ranks.distributed:
+        return
+    last = n_train % batch_size or batch_size
+    if min(batch_size, last) < ranks.world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} with {n_train} training examples leaves a batch of {min(batch_size, last)} for "
+            f"{ranks.world_size} processes: choose a batch size whose last batch (n_train mod batch size) has at least one example per process"
+        )
 
 
 def _percent(rate) -> str:

@@ -365,14 +365,16 @@ class BarrierLabelCorrection(LabelCorrectionMethod):
         targets = self.meta.probs(feats.detach(), batch.y)
         log_p = logits.log_softmax(dim=1)
         lower = -(targets.detach() * log_p).sum(dim=1).mean()
-        grads_q_w = torch.autograd.grad(lower, self.params)
+        ranks = self.ctx.ranks  # under torchrun: the noisy batch's gradients summed over the slices
+        grads_q_w = ranks.grad(lower, self.params)
 
         log_p_k = self._lookahead_log_probs(batch.x, grads_q_w, targets.detach(), lr)
         value_gap = -(targets * (log_p.detach() - log_p_k)).sum(dim=1).mean()
-        grads_q_alpha = torch.autograd.grad(value_gap, self.meta_params)
+        grads_q_alpha = ranks.grad(value_gap, self.meta_params)
 
-        # upper loss at w: the other real forward
-        logits_c, feats_c = self.model(clean.x, return_features=True)
+        # upper loss at w: the other real forward, on the trusted batch every rank has whole
+        with ranks.whole_batch():
+            logits_c, feats_c = self.model(clean.x, return_features=True)
         if self.rho < 1:
             upper = mixture_nll(logits_c, self.meta(feats_c.detach(), clean.y), clean.y, self.rho)
             grads = torch.autograd.grad(upper, self.params + self.meta_params)
@@ -381,6 +383,7 @@ class BarrierLabelCorrection(LabelCorrectionMethod):
             upper = F.cross_entropy(logits_c, clean.y)
             grads_f_w, grads_f_alpha = torch.autograd.grad(upper, self.params), None
 
+        ranks.agree_(list(grads_f_w) + list(grads_f_alpha or ()))
         stats = self.ops.barrier_stats(list(grads_f_w), list(grads_q_w), list(grads_q_alpha))
         beta = self.ops.barrier_coefficient(stats, self.delta)
         ok = stats[3] == 0
@@ -412,7 +415,7 @@ class BarrierLabelCorrection(LabelCorrectionMethod):
         for _ in range(self.inner_steps - 1):
             w = [t.requires_grad_() for t in w]
             logits = functional_forward(self.model, dict(zip(names, w)), x)
-            step = torch.autograd.grad(soft_cross_entropy(logits, targets), w)
+            step = self.ctx.ranks.grad(soft_cross_entropy(logits, targets), w)
             with torch.no_grad():
                 w = torch._foreach_add(w, list(step), alpha=-lr)
         with torch.no_grad():

@@ -42,6 +42,7 @@ from torch import nn
 
 from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
 from nrcore.methods.base import Method, MethodContext, Option, backward_and_step
+from nrcore.parallel import Ranks
 
 HYPERGRAD_MODES = ("auto", "tangent", "jvp", "autograd")
 HYPERGRAD_OPTION = Option(
@@ -67,15 +68,19 @@ def per_example_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
-def weighted_update(optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *, mean: bool = True,
-                    scaler=None) -> torch.Tensor:
+def weighted_update(ctx: Optional[MethodContext], optimizer: torch.optim.Optimizer, losses: torch.Tensor, weights: torch.Tensor, *,
+                    mean: bool = True) -> torch.Tensor:
     """The real update `θ <- opt(θ, ∇θ (1/B) Σ_i w_i l_i)` by autograd (`Σ_i w_i l_i` with
-    `mean=False`, for weights that already sum to one), through `scaler` under --amp fp16;
-    returns that loss, detached."""
+    `mean=False`, for weights that already sum to one over the global batch), through the run's
+    GradScaler and ranks (`MethodContext.backward_and_step`; plain without a context); returns
+    this rank's loss, detached."""
     weighted = weights.detach() * losses
     loss = weighted.mean() if mean else weighted.sum()
     optimizer.zero_grad(set_to_none=True)
-    backward_and_step(loss, [optimizer], scaler)
+    if ctx is None:
+        backward_and_step(loss, [optimizer])
+    else:
+        ctx.backward_and_step(loss, [optimizer], local_mean=mean)
     return loss.detach()
 
 
@@ -270,56 +275,75 @@ class NoisyForward:
     losses: torch.Tensor
     example_grads: Optional[ExampleGradients] = None
     logits: Optional[torch.Tensor] = None  # detached, for the audit's training dynamics
+    total: int = 0  # the global batch's size B (under torchrun this is a rank's slice of it)
 
 
 class MetaGradient:
     """`∂L_val(θ'(w)) / ∂w_i` of a one-step look-ahead, and the real step after it (see the
     module docstring). Per training step:
 
-        fwd = mg.forward(x, y)                            # the real forward (BN running stats: once)
+        fwd = mg.forward(x, y, total)                     # the real forward (BN running stats: once)
         h, val_loss = mg.hypergradient(fwd, w, xv, yv)
         loss = mg.step(fwd, new_w)                        # θ <- opt(θ, ∇θ (1/B) Σ_i new_w_i l_i)
 
     On the tangent path the pseudo update and the per-example dots contract the same per-example
     gradients of one backward of the noisy batch; the real step back-propagates that forward
-    again (exactly, with the new weights)."""
+    again (exactly, with the new weights).
+
+    Under torchrun (`ctx.ranks`) `x` is a rank's slice of a global batch of `total` examples:
+    the pseudo update's gradient is summed over the ranks (so θ' is the whole batch's), the
+    clean batch is the same on every rank (so is ∇L_val(θ')), and the per-example products are
+    each rank's own; `autograd` (double backprop through the sum over ranks) is single-process."""
 
     explicit_example_grads = False  # form them for the two contractions? slower (ExampleGradients)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "auto"):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.SGD, *, rule: str = "sgd", mode: str = "auto",
+                 ctx: Optional[MethodContext] = None):
         if mode not in HYPERGRAD_MODES:
             raise ValueError(f"hypergradient mode must be one of {HYPERGRAD_MODES}, got {mode!r}")
         self.model = model
         self.optimizer = optimizer
+        self.ctx = ctx
+        self.ranks = ctx.ranks if ctx is not None else Ranks()
+        if mode == "autograd" and self.ranks.distributed:
+            raise ValueError("--hypergrad autograd differentiates through the pseudo update twice, which nrcore does not do "
+                             "across processes: use --hypergrad jvp or tangent under torchrun")
         self.lookahead = Lookahead(model, optimizer, rule)
         self.mode = mode = resolve_hypergrad(mode, model)
         # every trainable parameter, or it raises
         self.recorder = joint_batchnorm_recorder(model) if mode == "tangent" else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> NoisyForward:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, total: Optional[int] = None) -> NoisyForward:
+        """The real forward of the noisy batch `x`, a slice of a global batch of `total` (default:
+        `x` is the whole batch)."""
+        total = x.shape[0] if total is None else total
         if self.recorder is None:
             logits = self.model(x)
-            return NoisyForward(x, y, per_example_ce(logits, y), logits=logits.detach())
+            return NoisyForward(x, y, per_example_ce(logits, y), logits=logits.detach(), total=total)
         logits, losses, grads = record_example_gradients(self.recorder, x, lambda out: per_example_ce(out, y), retain_graph=True,
                                                          explicit=self.explicit_example_grads)
-        return NoisyForward(x, y, losses, grads, logits=logits.detach())
+        return NoisyForward(x, y, losses, grads, logits=logits.detach(), total=total)
 
     def hypergradient(self, fwd: NoisyForward, weights: torch.Tensor, clean_x: torch.Tensor, clean_y: torch.Tensor, *, at_zero: bool = False):
         """(∂L_val/∂w [B], clean loss at θ' (detached)). `at_zero`: the weights are all zero, so
         with the plain-SGD rule θ' = θ and no pseudo update is formed (L2RW)."""
         if self.mode == "autograd":
             return self._autograd(fwd, weights, clean_x, clean_y)
-        batch = fwd.losses.shape[0]
+        batch = fwd.total
         if at_zero and self.lookahead.rule == "sgd":
             shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.named.items()}
         else:
             if fwd.example_grads is not None:
                 pseudo = fwd.example_grads.weighted_sum(weights.detach() / batch)
             else:
-                pseudo = grads_dict((weights.detach() * fwd.losses).mean(), self.lookahead.named, retain_graph=True)
+                local = self.ranks.scale_local((weights.detach() * fwd.losses).mean())
+                pseudo = grads_dict(local, self.lookahead.named, retain_graph=True)
+            self.ranks.sum_(list(pseudo.values()))  # the whole batch's pseudo update
             shifted = {n: p.detach().requires_grad_() for n, p in self.lookahead.step(pseudo).items()}
-        val_loss = per_example_ce(functional_forward(self.model, shifted, clean_x), clean_y, "mean")
+        with self.ranks.whole_batch():  # the trusted batch: whole on every rank
+            val_loss = per_example_ce(functional_forward(self.model, shifted, clean_x), clean_y, "mean")
         val_grad = grads_dict(val_loss, shifted)
+        self.ranks.agree_(list(val_grad.values()))
         scale = self.lookahead.grad_scale()
         direction = {n: scale[n] * val_grad[n] for n in val_grad}
         if fwd.example_grads is not None:
@@ -340,4 +364,4 @@ class MetaGradient:
     def step(self, fwd: NoisyForward, weights: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
         """The real update `θ <- opt(θ, ∇θ (1/B) Σ_i w_i l_i)` through the noisy forward's graph
         (`Σ_i w_i l_i` with `mean=False`, for weights that already sum to one)."""
-        return weighted_update(self.optimizer, fwd.losses, weights, mean=mean)
+        return weighted_update(self.ctx, self.optimizer, fwd.losses, weights, mean=mean)

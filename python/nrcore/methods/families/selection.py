@@ -127,6 +127,10 @@ class TwoNetworkSelection(Method):
     def eval_model(self):
         return self.model1
 
+    def example_state(self):
+        # written at the batch's rows by `selection_stats`
+        return {"kept_count": self.kept_count, "seen_count": self.seen_count}
+
     audit_default = "drop_rate"
 
     def audit_signals(self):
