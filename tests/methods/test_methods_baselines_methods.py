@@ -337,3 +337,13 @@ def test_bootstrap_beta_defaults_to_the_papers_value_for_the_mode():
     assert Bootstrap(ctx, bootstrap_mode="hard", bootstrap_beta=0.6).beta == 0.6
     with pytest.raises(ValueError):
         Bootstrap(ctx, bootstrap_beta=1.5)
+
+
+def test_coteaching_plus_checkpoints_its_step_count(digits_task, run_steps):
+    """`steps_done` is a plain int that `+=` rebinds: the checkpoint must hold the count, not the
+    0 it was tracked with (a resumed run would otherwise restart the full-batch fallback)."""
+    _, method = run_steps(digits_task, "coteaching-plus", {"init_epoch": 0}, steps=3)
+    assert method.steps_done == 3 and method.state_dict()["steps_done"] == 3
+    _, fresh = run_steps(digits_task, "coteaching-plus", {"init_epoch": 0}, steps=1)
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.steps_done == 3

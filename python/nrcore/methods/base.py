@@ -255,7 +255,9 @@ class Method:
     # ---- state -----------------------------------------------------------------------------
     def track(self, key: str, obj: Any) -> Any:
         """Register a module, optimiser, tensor (e.g. per-example weights) or a plain
-        int/float/dict to be saved in checkpoints. Returns `obj` for chaining."""
+        int/float/dict to be saved in checkpoints. Returns `obj` for chaining. A plain value is
+        kept as the attribute of the same name (`self.key = self.track("key", 0)`), which is
+        what checkpoints save, so `self.key += 1` counts."""
         self._tracked[key] = obj
         return obj
 
@@ -266,7 +268,12 @@ class Method:
     def state_dict(self) -> Dict[str, Any]:
         out = {}
         for key, obj in self._tracked.items():
-            out[key] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+            if hasattr(obj, "state_dict"):
+                out[key] = obj.state_dict()
+            elif isinstance(obj, torch.Tensor):
+                out[key] = obj
+            else:  # a plain value: the attribute now (an int that `+=` rebinds, not the one tracked)
+                out[key] = getattr(self, key, obj)
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
