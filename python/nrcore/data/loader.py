@@ -78,11 +78,13 @@ class _BatchTransform:
     when augmenting, centre crop when the stored size exceeds the model's input size."""
 
     def __init__(self, task, device: torch.device):  # task: a nrcore.data.types.Task
-        mean = torch.tensor(task.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(task.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -mean / std
+        mean = torch.tensor(task.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(task.std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add; built on the host and copied without a
+        # sync, since a method's step may make one (Task.batch)
+        nb = torch.device(device).type == "cuda"
+        self.scale = (1.0 / (255.0 * std)).to(device, non_blocking=nb)
+        self.shift = (-mean / std).to(device, non_blocking=nb)
         self.augmentation: Optional[Augmentation] = task.augmentation
         self.out_size = int(task.input_shape[-1])
         self.device = device
@@ -96,7 +98,8 @@ class _BatchTransform:
         if augment and aug is not None:
             offsets, flips = self._draw(aug, whole_size or x.shape[0], x.shape[-1], generator)
             rows = slice(offset, offset + x.shape[0])
-            x = crop_and_flip(x, offsets[:, rows].to(self.device), flips[rows].to(self.device), aug.pad, aug.crop)
+            nb = self.device.type == "cuda"  # no host-device sync for the draws' copy
+            x = crop_and_flip(x, offsets[:, rows].to(self.device, non_blocking=nb), flips[rows].to(self.device, non_blocking=nb), aug.pad, aug.crop)
         elif x.shape[-1] != self.out_size:
             start = (x.shape[-1] - self.out_size) // 2
             x = x[:, :, start : start + self.out_size, start : start + self.out_size]

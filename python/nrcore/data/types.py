@@ -129,3 +129,41 @@ class Task:
             self, self.split(split), batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
             generator=generator, device=device, num_workers=num_workers, ranks=ranks,
         )
+
+    def batch(
+        self,
+        split: str,
+        index: torch.Tensor,
+        *,
+        augment: bool = True,
+        generator: Optional[torch.Generator] = None,
+        device: torch.device | str | None = None,
+        offset: int = 0,
+        whole_size: Optional[int] = None,
+    ) -> Batch:
+        """The examples at positions `index` (int64 [B]) of split `split` as one Batch, made as
+        `loader` makes its batches (the same augmentation draws from `generator`, None: torch's
+        global generator; the same crop/flip and normalisation), e.g. a second augmented view of
+        a training batch (DivideMix). Datasets without an augmentation give the unaugmented
+        images. `index` may be on the CPU or on `device` (default: index's device); nothing is
+        read back to the host and every copy to the device is non-blocking, so a training step
+        may call this without a host-device sync. `offset`, `whole_size`: the batch is rows
+        `offset ...` of a global batch of `whole_size` (a rank's slice under torchrun, as
+        `Batch.offset`/`Batch.whole_size`), whose draws it makes so that every rank's generator
+        stays in step. In-memory splits only."""
+        from nrcore.data.loader import _BatchTransform
+
+        source = self.split(split)
+        if source.images is None:
+            raise ValueError(f"Task.batch needs the {split!r} images in memory; this split is streamed from files")
+        device = index.device if device is None else torch.device(device)
+        nb = device.type == "cuda"
+        on_device = index.to(device, non_blocking=nb)
+        x = source.images_on(device).index_select(0, on_device)
+        x = _BatchTransform(self, device)(x, augment, generator, offset=offset, whole_size=whole_size)
+        if index.device.type == "cpu":
+            y, y_true = source.labels[index], source.true_labels[index]
+        else:
+            y, y_true = source.labels.to(device, non_blocking=nb)[on_device], source.true_labels.to(device, non_blocking=nb)[on_device]
+        return Batch(x=x, y=y.to(device, non_blocking=nb), index=on_device, y_true=y_true.to(device, non_blocking=nb),
+                     whole_size=whole_size, offset=offset)  # fmt: skip

@@ -1,6 +1,6 @@
-"""Small-loss selection between two networks, shared by `coteaching` and `coteaching-plus`
-(not a method itself: nothing in families/ is registered): the forget-rate schedule, the selection
-rule and `TwoNetworkSelection`.
+"""Small-loss selection between two networks, shared by `coteaching`, `coteaching-plus` and
+`jocor` (not a method itself: nothing in families/ is registered): the forget-rate schedule, the
+selection rule and `TwoNetworkSelection`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def default_forget_rate(task) -> float:
 class TwoNetworkSelection(Method):
     """Two networks of the run's architecture, each with its own optimiser, that train on
     examples selected by their peer. Subclasses define `losses(logits1, logits2, batch)`
-    returning (loss1, loss2, stats). The first network is the one evaluated."""
+    returning (loss1, loss2, stats), or, for one loss shared by both networks (JoCoR's joint
+    loss), override `objective`. The first network is the one evaluated."""
 
     supports_loss_scaling = True
 
@@ -112,14 +113,20 @@ class TwoNetworkSelection(Method):
     def losses(self, logits1, logits2, batch):
         raise NotImplementedError
 
+    def objective(self, logits1, logits2, batch):
+        """(the loss both optimisers step on, the loss to report, stats). Default: each
+        network's own loss from `losses`; their graphs are disjoint, so the sum gives each
+        network its own gradient, and the report is their mean."""
+        loss1, loss2, stats = self.losses(logits1, logits2, batch)
+        return loss1 + loss2, (loss1 + loss2) / 2, stats
+
     def train_step(self, batch, clean):
         logits1, logits2 = self.model1(batch.x), self.model2(batch.x)
-        loss1, loss2, stats = self.losses(logits1, logits2, batch)
+        loss, reported, stats = self.objective(logits1, logits2, batch)
         self.opt1.zero_grad(set_to_none=True)
         self.opt2.zero_grad(set_to_none=True)
-        # the two graphs are disjoint: each network gets its own gradient
-        self.backward_and_step(loss1 + loss2, self.opt1, self.opt2)
-        return StepOutput(loss=((loss1 + loss2) / 2).detach(), stats=stats, logits=logits1.detach())
+        self.backward_and_step(loss, self.opt1, self.opt2)
+        return StepOutput(loss=reported.detach(), stats=stats, logits=logits1.detach())
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         return {"forget_rate": self.epoch_forget_rate}
