@@ -93,10 +93,13 @@ class Bench:
         from nrcore.methods import MethodContext, OptimConfig, get_method
         from nrcore.methods.base import derive_seed
         from nrcore.models import build_model
-        from nrcore.train.config import channels_last_for
+        from nrcore.train.config import amp_dtype_for, channels_last_for
 
         cfg = config_for(self.args, name)
         cls = get_method(cfg.method)
+        amp_dtype = amp_dtype_for(cfg, self.device)
+        if amp_dtype == torch.float16 and not cls.supports_loss_scaling:
+            raise SystemExit(f"error: --amp fp16: {cfg.method} takes no loss scaling (use --amp bf16)")
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         ctx = MethodContext(
             task=self.task,
@@ -107,6 +110,7 @@ class Bench:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             channels_last=channels_last_for(cfg, self.device),
+            amp_dtype=amp_dtype,
         )
         method = cls(ctx, **cfg.method_options)
         return method, cfg.epochs
@@ -116,7 +120,8 @@ class Bench:
 
     def step(self, method, i: int) -> None:
         needs_clean = getattr(method, "needs_clean", False)
-        method.train_step(self.batches[i], self.clean(i) if needs_clean else None)
+        with method.ctx.autocast():  # --amp, as the trainer runs steps
+            method.train_step(self.batches[i], self.clean(i) if needs_clean else None)
 
     def sync(self) -> None:
         import torch
@@ -151,8 +156,8 @@ def config_for(args, name: str):
     text, layout = split_layout(name)
     variant = parse_variant(text, registry())
     given = {"method": variant.method, "dataset": args.dataset, "data_dir": args.data_dir, "noise": args.noise, "device": args.device}
-    for key in ("model", "batch_size", "threads", "channels_last"):
-        if getattr(args, key) is not None:
+    for key in ("model", "batch_size", "threads", "channels_last", "amp", "clean_frac"):
+        if getattr(args, key, None) is not None:
             given[key] = getattr(args, key)
     if layout is not None:
         given["channels_last"] = layout
@@ -290,7 +295,7 @@ def measure_memory(args, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 def _forward_args(args) -> List[str]:
     out = []
-    for key in ("dataset", "data_dir", "noise", "device", "model", "batch_size", "threads", "steps", "warmup", "epoch"):
+    for key in ("dataset", "data_dir", "noise", "device", "model", "batch_size", "threads", "steps", "warmup", "epoch", "amp", "clean_frac"):
         value = getattr(args, key)
         if value is not None:
             out += ["--" + key.replace("_", "-"), str(value)]
@@ -340,9 +345,13 @@ def format_table(bench: Bench, timings: Dict[str, Timing], memory: Optional[Dict
     cfg = config_for(args, BASELINE)
     clean = len(bench.clean_batches[0]) if bench.clean_batches else 0
     device = str(bench.device) + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    from nrcore.train.config import amp_dtype_for
+
+    amp = amp_dtype_for(cfg, bench.device)
     title = (
         f"Methods on {cfg.dataset} (noise {cfg.noise}), model {cfg.model}, batch {cfg.batch_size} noisy"
-        f" + {clean} trusted for methods that use them, {device}; torch {torch.__version__}"
+        f" + {clean} trusted for methods that use them, {device}, amp {str(amp).replace('torch.', '') if amp else 'off'};"
+        f" torch {torch.__version__}"
     )
     legend = (
         f"ms/step: median over {args.repeats} repeats of the mean of {args.steps} steps (after {args.warmup} warm-up steps), "
@@ -368,6 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="models in channels-last layout (default: as nrcore train: on for CPU runs of methods that gain from it)")
+    p.add_argument("--clean-frac", type=float, help="trusted set as a fraction of the training set (default: the dataset's; needed for custom data)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision of the steps, as nrcore train --amp (default: off on the CPU, bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method, interleaved (default 5)")
@@ -408,7 +419,8 @@ def main(argv=None) -> int:
         print("measuring peak memory, one process per method", file=sys.stderr, flush=True)
         memory = measure_memory(args, names)
     print(format_table(bench, timings, memory), end="")
-    return 0
+    failed = [n for n, t in timings.items() if t.error] + [n for n, m in (memory or {}).items() if "error" in m]
+    return 1 if failed else 0  # the table names what failed and why
 
 
 if __name__ == "__main__":

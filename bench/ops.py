@@ -111,26 +111,60 @@ def fmt_bytes(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**20:8.1f} MiB"
 
 
+# Peak memory bandwidth (GB/s) of GPUs by the name torch reports, for the "% of peak" column;
+# --peak-gbs overrides (and covers any other device).
+PEAK_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0,
+            "A100 80GB PCIe": 1935.0, "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0, "L40S": 864.0, "A10": 600.0}
+
+
+def peak_bandwidth_gbs(device: torch.device, override: Optional[float]) -> Optional[float]:
+    """The device's peak memory bandwidth in GB/s: `override`, else the table's entry whose
+    name the CUDA device's name contains; None on the CPU or for an unknown GPU."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+
+
 class Table:
+    """Rows of one op family. A row given `bytes_moved` (what the op must read and write at
+    least) also shows nrcore's achieved bandwidth, and with a known `peak_gbs` its share of it."""
+
+    peak_gbs: Optional[float] = None  # set by main for the run's device
+
     def __init__(self, title: str, memory: bool = False):
         self.title, self.memory, self.rows = title, memory, []
 
-    def add(self, op: str, shape: str, baseline: str, t_base: float, t_nrcore: float, m_base=None, m_nrcore=None):
-        self.rows.append((op, shape, baseline, t_base, t_nrcore, m_base, m_nrcore))
+    def add(self, op: str, shape: str, baseline: str, t_base: float, t_nrcore: float, m_base=None, m_nrcore=None, bytes_moved=None):
+        self.rows.append((op, shape, baseline, t_base, t_nrcore, m_base, m_nrcore, bytes_moved))
 
     def print(self):
         print(f"\n## {self.title}\n")
         head = f"| {'op':<18} | {'shape':<34} | {'baseline':<22} | {'baseline':>11} | {'nrcore':>11} | {'ratio':>7} |"
+        bandwidth = any(row[-1] for row in self.rows)
+        if bandwidth:
+            head += f" {'nrcore GB/s':>11} | {'% of peak':>9} |"
         if self.memory:
             head += f" {'base peak':>12} | {'nrcore peak':>12} | {'mem ratio':>9} |"
         print(head)
         print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-        for op, shape, base, tb, tn, mb, mn in self.rows:
+        for op, shape, base, tb, tn, mb, mn, moved in self.rows:
             line = f"| {op:<18} | {shape:<34} | {base:<22} | {fmt_time(tb):>11} | {fmt_time(tn):>11} | {tb / tn:6.1f}x |"
+            if bandwidth:
+                gbs = moved / tn / 1e9 if moved else None
+                share = f"{100 * gbs / self.peak_gbs:8.1f}%" if gbs and self.peak_gbs else "-"
+                line += f" {(f'{gbs:11.1f}' if gbs else '-'):>11} | {share:>9} |"
             if self.memory:
                 ratio = f"{mb / mn:8.1f}x" if mb and mn else "-"
                 line += f" {fmt_bytes(mb):>12} | {fmt_bytes(mn):>12} | {ratio:>9} |"
             print(line)
+
+
+def nbytes(*tensors) -> int:
+    """Bytes of tensors and lists of tensors."""
+    return sum(nbytes(*t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +192,9 @@ def bench_fbr(timer: Timer, device: torch.device, goals: List[str]) -> Table:
                 "literal": lambda: ref.fbr_direction_literal(feats, labels, clean, clean_labels, C),
             })
             shape = f"B={B} m={m} d={d} C={C}"
-            table.add("fbr_direction", shape, "twin (closed form)", t["twin"], t["nrcore"])
-            table.add("fbr_direction", shape, "paper-literal Alg. 1", t["literal"], t["nrcore"])
+            moved = nbytes(feats, labels, stats.basis_t, stats.mean) + B * feats.element_size()  # reads + the [B] output
+            table.add("fbr_direction", shape, "twin (closed form)", t["twin"], t["nrcore"], bytes_moved=moved)
+            table.add("fbr_direction", shape, "paper-literal Alg. 1", t["literal"], t["nrcore"], bytes_moved=moved)
             if d == 512 and C == 10:
                 goals.append(goal("FBR vs paper-literal at d=512, C=10", t["literal"] / t["nrcore"], 20.0))
     d, C = 512, 10
@@ -169,7 +204,7 @@ def bench_fbr(timer: Timer, device: torch.device, goals: List[str]) -> Table:
         "nrcore": lambda: ops.fbr_prepare(clean, clean_labels, C),
         "twin": lambda: ref.fbr_prepare(clean, clean_labels, C),
     })
-    table.add("fbr_prepare", f"m={m} d={d} C={C}", "twin", t["twin"], t["nrcore"])
+    table.add("fbr_prepare", f"m={m} d={d} C={C}", "twin", t["twin"], t["nrcore"], bytes_moved=nbytes(clean, clean_labels))
     n = 50000
     weights = torch.full((n,), 0.5, device=device)
     index = torch.randperm(n, generator=g)[:B].to(device)
@@ -178,7 +213,8 @@ def bench_fbr(timer: Timer, device: torch.device, goals: List[str]) -> Table:
         "nrcore": lambda: ops.fbr_update_(weights, index, direction, 0.1),
         "twin": lambda: ref.fbr_update_(weights, index, direction, 0.1),
     })
-    table.add("fbr_update_", f"n={n} B={B}", "twin", t["twin"], t["nrcore"])
+    table.add("fbr_update_", f"n={n} B={B}", "twin", t["twin"], t["nrcore"],
+              bytes_moved=nbytes(index, direction) + 2 * B * weights.element_size())  # the B weights read and written
     return table
 
 
@@ -223,8 +259,8 @@ def bench_barrier(timer: Timer, device: torch.device, goals: List[str]) -> Table
             "twin": lambda: ref.barrier_stats(f, q, a),
             "fp32": lambda: fp32_loop_stats(f, q, a),
         })
-        table.add("barrier_stats", shape, "twin (fp64 loop)", t["twin"], t["nrcore"])
-        table.add("barrier_stats", shape, "fp32 per-tensor loop", t["fp32"], t["nrcore"])
+        table.add("barrier_stats", shape, "twin (fp64 loop)", t["twin"], t["nrcore"], bytes_moved=nbytes(f, q, a))
+        table.add("barrier_stats", shape, "fp32 per-tensor loop", t["fp32"], t["nrcore"], bytes_moved=nbytes(f, q, a))
         if model_name == "resnet34":
             goals.append(goal("barrier_stats vs per-tensor loop on the 21M list", t["twin"] / t["nrcore"], 2.0))
             goals.append(goal("barrier_stats vs float32 per-tensor loop on the 21M list", t["fp32"] / t["nrcore"], 2.0))
@@ -241,7 +277,7 @@ def bench_barrier(timer: Timer, device: torch.device, goals: List[str]) -> Table
             "nrcore": lambda: ops.barrier_combine_(outs, f, q, coef),
             "twin": lambda: ref.barrier_combine_(outs, f, q, coef),
         })
-        table.add("barrier_combine_", shape, "twin (per-tensor loop)", t["twin"], t["nrcore"])
+        table.add("barrier_combine_", shape, "twin (per-tensor loop)", t["twin"], t["nrcore"], bytes_moved=nbytes(outs, f, q))
     return table
 
 
@@ -444,6 +480,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds per row (median)")
     parser.add_argument("--sample-ms", type=float, default=20.0, help="minimum duration of one timed sample")
     parser.add_argument("--threads", type=int, default=None, help="torch / nrcore CPU threads")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="the device's peak memory bandwidth in GB/s (default: known GPUs by name)")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -459,6 +496,9 @@ def main(argv=None) -> None:
     print(f"# nrcore.ops benchmark: device={device}, backend={ops.backend(device)}, cpu_isa={C.cpu_isa()}, "
           f"torch {torch.__version__}, threads={torch.get_num_threads()}, reps={args.reps}")
     timer = Timer(device, args.reps, args.sample_ms)
+    Table.peak_gbs = peak_bandwidth_gbs(device, args.peak_gbs)
+    if Table.peak_gbs:
+        print(f"# peak memory bandwidth {Table.peak_gbs:.0f} GB/s")
     goals: List[str] = []
     sections = {"fbr": bench_fbr, "barrier": bench_barrier, "tangent": bench_tangent}
     for name in args.only.split(","):
