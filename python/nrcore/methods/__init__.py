@@ -11,6 +11,7 @@ from nrcore.methods.base import (  # noqa: F401
     MethodContext,
     OptimConfig,
     Option,
+    SingleModelMethod,
     StepOutput,
     get_method,
     register,

@@ -26,10 +26,14 @@ Writing a method::
 
         def train_step(self, batch, clean):
             ...
-            return StepOutput(loss=loss.detach())
+            self.backward_and_step(loss, self.opt)   # mixed precision, gradients across processes
+            return StepOutput(loss=loss.detach(), logits=logits.detach())
 
         def eval_model(self):
             return self.model
+
+A method with one network and the run's optimiser subclasses `SingleModelMethod`, which makes
+`model` and `opt` (tracked as "model" and "optimizer") and says what is scheduled and evaluated.
 """
 
 from __future__ import annotations
@@ -372,6 +376,22 @@ class Method:
         second-order autograd through BatchNorm, whose decomposed reductions run slower in that
         layout (bench/README.md, "Memory layout")."""
         return True
+
+
+class SingleModelMethod(Method):
+    """A method with one network (`model`), trained by the run's SGD (`opt`, on the run's
+    schedule) and evaluated as it is: what most methods start from."""
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.model = self.track("model", ctx.build_model())
+        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
+
+    def scheduled_optimizers(self) -> List[torch.optim.Optimizer]:
+        return [self.opt]
+
+    def eval_model(self) -> nn.Module:
+        return self.model
 
 
 # ---- registry ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import Method, Option, StepOutput, register
+from nrcore.methods.base import Option, SingleModelMethod, StepOutput, register
 
 PAPER_BETA = {"soft": 0.95, "hard": 0.8}
 
@@ -41,7 +41,7 @@ def bootstrap_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, mode
 
 
 @register
-class Bootstrap(Method):
+class Bootstrap(SingleModelMethod):
     name = "bootstrap"
     supports_loss_scaling = True
     summary = "bootstrapping: target mixes the noisy label with the model's soft (beta 0.95) or hard (beta 0.8) prediction"
@@ -59,11 +59,6 @@ class Bootstrap(Method):
         self.beta = PAPER_BETA[bootstrap_mode] if bootstrap_beta is None else float(bootstrap_beta)
         if not 0 <= self.beta <= 1:
             raise ValueError(f"--bootstrap-beta must be in [0, 1], got {self.beta}")
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def train_step(self, batch, clean):
         logits = self.model(batch.x)
@@ -74,6 +69,3 @@ class Bootstrap(Method):
 
     def end_epoch(self, epoch):
         return {"bootstrap_beta": self.beta}
-
-    def eval_model(self):
-        return self.model

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from nrcore.methods.base import Method, StepOutput, register
+from nrcore.methods.base import SingleModelMethod, StepOutput, register
 
 
 @register
-class CrossEntropy(Method):
+class CrossEntropy(SingleModelMethod):
     name = "ce"
     supports_loss_scaling = True
     summary = "plain cross-entropy on the noisy labels (baseline; trusted set unused unless --use-clean-in-train)"
@@ -16,11 +16,6 @@ class CrossEntropy(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def train_step(self, batch, clean):
         logits = self.model(batch.x)
@@ -28,6 +23,3 @@ class CrossEntropy(Method):
         self.opt.zero_grad(set_to_none=True)
         self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), logits=logits.detach())
-
-    def eval_model(self):
-        return self.model

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import ExampleSignal, Method, Option, StepOutput, check_number, masked_mean, register
+from nrcore.methods.base import ExampleSignal, Option, SingleModelMethod, StepOutput, check_number, masked_mean, register
 
 # the authors' phase-1 schedule (haochenglouis/cores, loss.py `f_beta`, `loss_cores`), over their 100 epochs
 REFERENCE_EPOCHS = 100
@@ -82,7 +82,7 @@ def noisy_prior(labels: torch.Tensor, num_classes: int, kept: Optional[torch.Ten
 
 
 @register
-class Cores(Method):
+class Cores(SingleModelMethod):
     name = "cores"
     summary = "CORES² phase 1: confidence-regularised cross-entropy and a sample sieve that drops the examples it deems corrupted"
     paper = "Cheng et al., ICLR 2021"
@@ -111,8 +111,6 @@ class Cores(Method):
         self.beta_warmup, self.beta_ramp, self.sieve_warmup = int(self.beta_warmup), int(self.beta_ramp), int(self.sieve_warmup)
         self.lr_scaling = bool(cores_lr_scaling)
 
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
         n, device = ctx.n_train, ctx.device
         self.labels = ctx.task.train.labels.to(device)  # the noisy labels, for the prior
         start = noisy_prior(self.labels, ctx.num_classes)
@@ -127,9 +125,6 @@ class Cores(Method):
         self.sieve_dropped = self.track("sieve_dropped", torch.zeros(n, dtype=torch.int64, device=device))
         self.dropped_epoch = self.track("dropped_epoch", torch.full((n,), -1, dtype=torch.int64, device=device))
         self.epoch, self.beta, self.sieve_on, self.lr_divisor = 0, 0.0, False, 1.0  # set by start_epoch
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -177,9 +172,6 @@ class Cores(Method):
             "lr_divisor": self.lr_divisor,
             "sieve_dropped": int(dropped.sum()),  # training examples dropped at their step in this epoch
         }
-
-    def eval_model(self):
-        return self.model
 
     def example_weights(self):
         """The loss weight of each example's last step: 1 kept (and always during the warm-up), 0 dropped."""

@@ -26,7 +26,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import ExampleSignal, Method, Option, StepOutput, check_number, register
+from nrcore.methods.base import ExampleSignal, Option, SingleModelMethod, StepOutput, check_number, register
 
 PROB_CLAMP = 1e-4  # the authors' code clamps the softmax to [1e-4, 1 - 1e-4]
 
@@ -41,7 +41,7 @@ def elr_update_and_regulariser(logits: torch.Tensor, targets: torch.Tensor, beta
 
 
 @register
-class EarlyLearningRegularization(Method):
+class EarlyLearningRegularization(SingleModelMethod):
     name = "elr"
     supports_loss_scaling = True
     summary = "ELR: CE + lambda log(1 - <p, t>), t a per-example temporal ensemble of the model's predictions"
@@ -58,12 +58,7 @@ class EarlyLearningRegularization(Method):
         if elr_beta >= 1:
             raise ValueError(f"--elr-beta must be < 1 (at 1 the targets never leave 0), got {elr_beta!r}")
         self.lam, self.beta = float(elr_lambda), float(elr_beta)
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
         self.targets = self.track("targets", torch.zeros(ctx.n_train, ctx.num_classes, dtype=torch.float32, device=ctx.device))
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def train_step(self, batch, clean):
         logits = self.model(batch.x)
@@ -75,9 +70,6 @@ class EarlyLearningRegularization(Method):
         self.opt.zero_grad(set_to_none=True)
         self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), stats={"ce": ce.detach(), "elr_reg": reg.detach()}, logits=logits.detach())
-
-    def eval_model(self):
-        return self.model
 
     def example_state(self) -> Dict[str, torch.Tensor]:
         return {"targets": self.targets}

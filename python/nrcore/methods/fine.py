@@ -26,7 +26,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import ExampleSignal, Method, Option, StepOutput, check_number, masked_mean, register
+from nrcore.methods.base import ExampleSignal, Option, SingleModelMethod, StepOutput, check_number, masked_mean, register
 from nrcore.methods.families.mixture import FINE_GMM, fit_two_component_gmm
 
 # The authors' CIFAR-10 sample-selection run (scripts/sample_selection_based/fine_cifar.sh with
@@ -121,7 +121,7 @@ def selection_stats(keep: torch.Tensor, labels: torch.Tensor, true_labels: torch
 
 
 @register
-class FINE(Method):
+class FINE(SingleModelMethod):
     name = "fine"
     supports_loss_scaling = True
     summary = "FINE: keep the examples whose features align with their class's principal eigenvector (per-class GMM), CE on them"
@@ -144,15 +144,10 @@ class FINE(Method):
         if fine_score not in ("abs", "square"):
             raise ValueError(f"--fine-score must be abs or square, got {fine_score!r}")
         self.warmup, self.every, self.threshold, self.score = int(fine_warmup), int(fine_every), float(fine_threshold), fine_score
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
         # the selection in force (1 kept, 0 dropped); it lasts `every` epochs, so it is saved
         # with the checkpoint (not per-step state: only start_epoch writes it)
         self.keep = self.track("keep", torch.ones(ctx.n_train, device=ctx.device))
         self.selected_now = False
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def selects_at(self, epoch: int) -> bool:
         """Whether `epoch` (0-based) starts with a selection: the first after the warm-up, then every `every`."""
@@ -181,9 +176,6 @@ class FINE(Method):
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         train = self.ctx.task.train
         return {**selection_stats(self.keep > 0, train.labels, train.true_labels), "fine_selected": float(self.selected_now)}
-
-    def eval_model(self):
-        return self.model
 
     audit_default = "fine_noisy_posterior"
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import Method, Option, StepOutput, check_number, register
+from nrcore.methods.base import Option, SingleModelMethod, StepOutput, check_number, register
 
 LOG_ZERO = -4.0  # A, the value RCE gives log 0 (the paper)
 CE_PROB_FLOOR = 1e-7  # the authors' code clips p to [1e-7, 1] inside CE
@@ -40,7 +40,7 @@ def sce_terms(logits: torch.Tensor, labels: torch.Tensor, log_zero: float = LOG_
 
 
 @register
-class SymmetricCrossEntropy(Method):
+class SymmetricCrossEntropy(SingleModelMethod):
     name = "sce"
     supports_loss_scaling = True
     summary = "symmetric cross entropy: alpha CE + beta reverse CE (log 0 := -4), a bounded noise-robust term added to CE"
@@ -57,11 +57,6 @@ class SymmetricCrossEntropy(Method):
         if sce_alpha == 0 and sce_beta == 0:
             raise ValueError("--sce-alpha and --sce-beta are both 0: the loss would be 0")
         self.alpha, self.beta = float(sce_alpha), float(sce_beta)
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
-
-    def scheduled_optimizers(self):
-        return [self.opt]
 
     def train_step(self, batch, clean):
         logits = self.model(batch.x)
@@ -71,9 +66,6 @@ class SymmetricCrossEntropy(Method):
         self.opt.zero_grad(set_to_none=True)
         self.backward_and_step(loss, self.opt)
         return StepOutput(loss=loss.detach(), stats={"ce": ce.detach(), "rce": rce.detach()}, logits=logits.detach())
-
-    def eval_model(self):
-        return self.model
 
     # No audit signal of its own: the per-example loss is a decreasing function of p(given label),
     # which the trainer's `final_prediction` (and `aum`) already rank by.

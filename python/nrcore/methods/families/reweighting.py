@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrcore.models.functional import FunctionalSGD, functional_forward, grads_dict, trainable_params
-from nrcore.methods.base import Method, MethodContext, Option, backward_and_step
+from nrcore.methods.base import MethodContext, Option, SingleModelMethod, backward_and_step
 from nrcore.parallel import Ranks
 
 HYPERGRAD_MODES = ("auto", "tangent", "jvp", "autograd")
@@ -84,7 +84,7 @@ def weighted_update(ctx: Optional[MethodContext], optimizer: torch.optim.Optimiz
     return loss.detach()
 
 
-class ReweightingMethod(Method):
+class ReweightingMethod(SingleModelMethod):
     """Base of the reweighting family: the main model, its optimiser (the run's SGD settings,
     on the trainer's schedule) and `weights`, a persistent tensor [n_train] in [0, 1] indexed by
     `Batch.index`, saved in checkpoints and exposed through `example_weights()`."""
@@ -100,15 +100,7 @@ class ReweightingMethod(Method):
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
         self.weights = self.track("weights", torch.full((ctx.n_train,), float(self.initial_weight), device=ctx.device))
-
-    def scheduled_optimizers(self):
-        return [self.opt]
-
-    def eval_model(self):
-        return self.model
 
     def example_weights(self):
         return self.weights

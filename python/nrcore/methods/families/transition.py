@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import Method, StepOutput
+from nrcore.methods.base import SingleModelMethod, StepOutput
 
 # ---- loss correction with a transition matrix ---------------------------------------------
 
@@ -88,7 +88,7 @@ def transition_error(estimate: torch.Tensor, truth: Optional[torch.Tensor]) -> O
     return float((estimate.double().cpu() - truth.double().cpu()).abs().sum(dim=1).mean())
 
 
-class TransitionCorrection(Method):
+class TransitionCorrection(SingleModelMethod):
     """One network trained with a loss corrected by a transition matrix.
 
     With `phased` (estimated matrices), a run has two phases of `epochs` epochs each, and each
@@ -112,8 +112,6 @@ class TransitionCorrection(Method):
     def __init__(self, ctx, phased: bool, initial_transition: Optional[torch.Tensor] = None):
         super().__init__(ctx)
         self.phased = phased
-        self.model = self.track("model", ctx.build_model())
-        self.opt = self.track("optimizer", ctx.make_optimizer(self.model.parameters()))
         start = torch.eye(ctx.num_classes, dtype=torch.float64) if initial_transition is None else initial_transition
         self.transition = self.track("transition", start.detach().to(device=ctx.device, dtype=torch.float32).clone())
         self.correcting = not phased
@@ -143,9 +141,6 @@ class TransitionCorrection(Method):
         raise NotImplementedError
 
     # ---- training --------------------------------------------------------------------------
-    def scheduled_optimizers(self):
-        return [self.opt]
-
     def corrected_loss(self, batch, clean) -> Tuple[torch.Tensor, torch.Tensor]:
         """(the corrected loss, the noisy batch's logits)."""
         raise NotImplementedError
@@ -172,9 +167,6 @@ class TransitionCorrection(Method):
             if err is not None:
                 out["transition_l1_error"] = err
         return out
-
-    def eval_model(self):
-        return self.model
 
     # the clean-class posterior that the corrected loss trains the model to output
     audit_default = "final_prediction"
