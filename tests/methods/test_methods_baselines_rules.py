@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nrcore.methods.families.selection import cross_update_losses, forget_rate_at, small_loss_mask
-from nrcore.methods.families.transition import anchor_point_transition, class_mean_transition, forward_corrected_nll
+from nrcore.methods.families.transition import anchor_point_transition, class_mean_transition, clean_label_posterior, forward_corrected_nll
 from nrcore.methods.bootstrap import bootstrap_loss
 
 T3 = torch.tensor([[0.8, 0.2, 0.0], [0.0, 0.6, 0.4], [0.5, 0.0, 0.5]], dtype=torch.float64)
@@ -161,3 +161,16 @@ def test_bootstrap_soft_differentiates_through_the_prediction_in_the_target():
     target = 0.9 * F.one_hot(torch.tensor([2]), 3) + 0.1 * log_q.exp().detach()
     (-(target * log_q).sum()).backward()
     assert not torch.allclose(detached.grad, logits.grad)
+
+
+def test_clean_label_posterior_is_bayes_rule_under_the_noise_model():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    post = clean_label_posterior(probs, labels, T3)
+    # example 0, given 1: p(j) T[j, 1] = [0.6*0.2, 0.3*0.6, 0.1*0.0] = [0.12, 0.18, 0] -> [0.4, 0.6, 0]
+    torch.testing.assert_close(post[0], torch.tensor([0.4, 0.6, 0.0], dtype=torch.float64))
+    # example 1, given 2: [0.2*0.0, 0.2*0.4, 0.6*0.5] = [0, 0.08, 0.30] -> [0, 0.2105, 0.7895]
+    torch.testing.assert_close(post[1], torch.tensor([0.0, 0.08, 0.30], dtype=torch.float64) / 0.38)
+    never = torch.eye(3, dtype=torch.float64)
+    never[:, 2] = 0.0  # no class shows up as label 2: the model's posterior stands
+    torch.testing.assert_close(clean_label_posterior(probs, labels, never)[1], probs[1])

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from nrcore.methods.base import SingleModelMethod, StepOutput
+from nrcore.methods.base import ExampleSignal, SingleModelMethod, StepOutput
 
 # ---- loss correction with a transition matrix ---------------------------------------------
 
@@ -31,6 +31,15 @@ def forward_corrected_nll(logits: torch.Tensor, labels: torch.Tensor, transition
     log_probs = F.log_softmax(logits.float(), dim=1)
     log_columns = torch.log(transition.float().clamp_min(1e-12)).t()[labels]  # [B, C]: log T[j, y~_i]
     return -torch.logsumexp(log_probs + log_columns, dim=1)
+
+
+def clean_label_posterior(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+    """`P(y = j | x, y~)` [N, C] by Bayes' rule under the noise model: the clean-class posterior
+    `p(j | x)` [N, C] times the chance `T[j, y~]` that class j shows up as the given label, over
+    their sum (a given label no class can produce keeps the model's posterior)."""
+    joint = probs.double() * transition.double().t()[labels.to(probs.device)]  # [N, C]: p(j | x) T[j, y~_i]
+    total = joint.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, joint / total.clamp_min(1e-300), probs.double())
 
 
 def anchor_point_transition(probs: torch.Tensor, percentile: float = 97.0) -> torch.Tensor:
@@ -168,8 +177,23 @@ class TransitionCorrection(SingleModelMethod):
                 out["transition_l1_error"] = err
         return out
 
-    # the clean-class posterior that the corrected loss trains the model to output
+    # The clean-class posterior that the corrected loss trains the model to output. Also saved:
+    # `label_posterior`, the chance that the given label is the true one by the run's own noise
+    # model, which ranked worse on a digits pair40 glc run (average precision 0.927 against 0.973).
     audit_default = "final_prediction"
+
+    def audit_signals(self) -> Dict[str, ExampleSignal]:
+        from nrcore.models.inference import predict_split
+
+        task = self.ctx.task
+        probs, labels = predict_split(self.model, task, "train", self.ctx.batch_size, self.ctx.device)
+        posterior = clean_label_posterior(probs, labels, self.transition)
+        given = posterior.gather(1, labels.to(posterior.device)[:, None])[:, 0]
+        return {"label_posterior": ExampleSignal(
+            1 - given, posterior.argmax(dim=1),
+            "P(true label = given | x, given) by Bayes' rule from the final model's clean-class posterior and the run's "
+            "transition matrix; score = 1 - that",
+        )}
 
     def artifact_info(self) -> Dict[str, object]:
         """Extra entries for transition.json (subclasses: how the matrix was obtained)."""
