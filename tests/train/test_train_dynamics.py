@@ -50,7 +50,7 @@ def test_weight_area_is_one_minus_the_mean_of_the_observed_weights():
         ("fbr", {}, "weight_area", {"aum", "weight", "weight_area", "final_prediction"}),
         ("coteaching", {}, "drop_rate", {"aum", "drop_rate", "final_prediction"}),
         ("ebomlc", {}, "corrected_label", {"aum", "corrected_label", "final_prediction"}),
-        ("glc", {"epochs": 1}, "final_prediction", {"aum", "final_prediction"}),
+        ("glc", {"epochs": 1}, "final_prediction", {"aum", "final_prediction", "label_posterior"}),
     ],
 )
 def test_every_family_saves_its_signals(run_tiny, method, settings, default, expected):
