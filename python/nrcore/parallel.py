@@ -153,16 +153,12 @@ class Ranks:
         return grads
 
     def sum_grads_(self, params: Iterable[torch.Tensor]) -> None:
-        """Sum `.grad` of `params` over the ranks (a parameter without one gets zeros, so every
-        rank packs the same buffer)."""
+        """Sum `.grad` of `params` over the ranks. Every rank runs the same code, so a parameter
+        without a gradient has none on any rank: it is left without one (an optimiser skips it,
+        as it would in one process)."""
         if not self.distributed:
             return
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        self.sum_(grads)
+        self.sum_([p.grad for p in params if p.grad is not None])
 
     def gather_rows_(self, tensors: Iterable[torch.Tensor], index: torch.Tensor) -> None:
         """After a step: rows `index` (this rank's slice) of each per-example tensor were written
@@ -209,7 +205,8 @@ class Ranks:
         if not self.distributed or not tensors:
             return
         names = list(tensors)
-        prints = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors.values()])
+        values = [t.detach().to(self.device, torch.float64) for t in tensors.values()]  # Adam's step counts live on the CPU
+        prints = torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in values])
         high, low = self.max(prints), -self.max(-prints)
         spread = ((high - low).abs() / high.abs().clamp_min(1e-30)).amax(dim=1)
         if bool((spread > 1e-6).any()):  # a forgotten combination differs by far more than rounding
@@ -218,8 +215,10 @@ class Ranks:
                                f"{float(spread[worst]):.2e}); a method's step does not combine its updates across processes")
 
     def barrier(self) -> None:
+        """Wait (on the host) until every rank gets here: an all-reduce read back, which fails
+        like the other collectives when a rank is gone."""
         if self.distributed:
-            self.sum(torch.zeros(1, device=self.device))  # an all-reduce: fails like the others when a rank is gone
+            self.sum(torch.zeros(1, device=self.device)).item()
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -280,15 +279,18 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[R
     return Ranks(rank, world, device, owns_group=owns), device
 
 
-def stop(ranks: Ranks) -> None:
-    """Leave the process group if `start` joined it."""
+def stop(ranks: Ranks, *, finished: bool = True) -> None:
+    """Leave the process group if `start` joined it. After a finished run the ranks wait for
+    each other first (gloo aborts a process whose peer tore the group down before it); after an
+    error they do not, since the others may be inside some other collective."""
     import torch.distributed as dist
 
     if ranks.owns_group and dist.is_initialized():
-        try:
-            ranks.barrier()  # leave together: gloo aborts a process whose peer tore the group down first
-        except RankLostError:
-            pass  # a peer is gone already: nothing to wait for
+        if finished:
+            try:
+                ranks.barrier()
+            except RankLostError:
+                pass  # a peer is gone already: nothing to wait for
         dist.destroy_process_group()
         ranks.owns_group = False
 

@@ -219,7 +219,9 @@ class StreamingLoader(_SplitLoader):
         self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = list(self._index_batches(self._order()))
+        # a rank's empty slice of a short last batch (evaluation only: training batches give every
+        # rank an example) decodes nothing and yields nothing
+        batches = [b for b in self._index_batches(self._order()) if len(b[0])]
         decoded = torch.utils.data.DataLoader(
             _Decoded(self.split.source),
             batch_sampler=[index.tolist() for index, _, _ in batches],

@@ -41,7 +41,9 @@ class RankSyncBatchNorm(nn.BatchNorm2d):
         across = self.ranks if self.ranks.slices_batches else _ONE_PROCESS
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        local_count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
+        out_dtype = x.dtype
+        x = x.float()  # statistics in float32 under autocast, as BatchNorm keeps them (a float16 count overflows at 65504)
+        local_count = torch.full((1,), float(x.numel() // max(x.shape[1], 1)), dtype=x.dtype, device=x.device)  # no host copy
         sums = sum_over_ranks(torch.cat([x.sum(dims), local_count]), across)
         count = sums[-1]
         mean = sums[:-1] / count
@@ -57,7 +59,7 @@ class RankSyncBatchNorm(nn.BatchNorm2d):
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(out_dtype)
 
 
 def convert_sync_batchnorm(model: nn.Module, ranks: Ranks) -> nn.Module:

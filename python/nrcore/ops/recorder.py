@@ -114,8 +114,11 @@ def _check_supported(name: str, module: nn.Module) -> None:
         if module.padding_mode != "zeros":
             raise ValueError(f"PerSampleGradRecorder: layer {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
         _conv_padding(name, module)
-    elif isinstance(module, nn.SyncBatchNorm):
-        raise ValueError(f"PerSampleGradRecorder: layer {name!r} is a SyncBatchNorm (statistics across processes) and is not supported")
+    elif isinstance(module, nn.SyncBatchNorm) or getattr(getattr(module, "ranks", None), "distributed", False):
+        # nrcore's --sync-bn layer under torchrun too: the recorder rebuilds the normalised input
+        # from the slice's own statistics, which are not the ones the forward used
+        raise ValueError(f"PerSampleGradRecorder: layer {name!r} normalises with statistics across processes "
+                         "(SyncBatchNorm, or --sync-bn under torchrun) and is not supported")
     elif isinstance(module, _BatchNorm):
         if not module.affine:
             raise ValueError(f"PerSampleGradRecorder: layer {name!r} is a BatchNorm without affine parameters; nothing to record")

@@ -121,10 +121,13 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # under torchrun: join the other ranks (each gets its own GPU); one process otherwise
         self.ranks, self.device = parallel.start(resolve_device(cfg.device), cfg.dist_timeout)
+        finished = False
         try:
-            return self._run()
+            summary = self._run()
+            finished = True
+            return summary
         finally:
-            parallel.stop(self.ranks)
+            parallel.stop(self.ranks, finished=finished)
 
     def _run(self) -> Dict[str, Any]:
         cfg, ranks = self.cfg, self.ranks
@@ -141,7 +144,11 @@ class Trainer:
         # option checks) runs before the run directory is made, so a refused run leaves nothing
         # that `nrcore table` would call interrupted.
         cls = get_method(cfg.method)
+        if cfg.download and ranks.distributed and not ranks.is_main:
+            ranks.barrier()  # rank 0 downloads first, alone
         task = build_run_task(cfg)
+        if cfg.download and ranks.distributed and ranks.is_main:
+            ranks.barrier()
         if cls.needs_clean and (task.clean is None or len(task.clean) == 0):
             raise ValueError(f"method {cfg.method!r} needs a trusted set: pass --clean-size N or --clean-frac F")
         _check_slices(len(task.train), cfg.batch_size, ranks)

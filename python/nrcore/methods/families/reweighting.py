@@ -79,8 +79,10 @@ def weighted_update(ctx: Optional[MethodContext], optimizer: torch.optim.Optimiz
     optimizer.zero_grad(set_to_none=True)
     if ctx is None:
         backward_and_step(loss, [optimizer])
-    else:
-        ctx.backward_and_step(loss, [optimizer], local_mean=mean)
+        return loss.detach()
+    ctx.backward_and_step(loss, [optimizer], local_mean=mean)
+    if not mean and ctx.ranks.distributed:  # a part of a global sum, reported as a slice's mean is (the trainer weights it by the share)
+        loss = loss / ctx.ranks.share
     return loss.detach()
 
 
