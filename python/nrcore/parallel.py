@@ -275,7 +275,7 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[R
     if owns:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)),
                                 **({"device_id": device} if backend == "nccl" else {}))  # fmt: skip
-        _stop_on_sigterm()
+        _stop_on_sigterm(rank)
     return Ranks(rank, world, device, owns_group=owns), device
 
 
@@ -295,7 +295,7 @@ def stop(ranks: Ranks, *, finished: bool = True) -> None:
         ranks.owns_group = False
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm(rank: int) -> None:
     """torchrun ends the other ranks with SIGTERM when one fails: turn that into an error that
     says so (the trainer records it and the last checkpoint stays as it was)."""
     import signal
@@ -305,7 +305,7 @@ def _stop_on_sigterm() -> None:
         return
 
     def handler(signum, frame):
-        raise RankLostError("stopped by the launcher (SIGTERM): another rank failed or the run was cancelled; "
+        raise RankLostError(f"rank {rank}: stopped by the launcher (SIGTERM): another rank failed or the run was cancelled; "
                             "the last checkpoint is intact: continue with --resume")
 
     signal.signal(signal.SIGTERM, handler)
