@@ -18,6 +18,8 @@
 #      epoch only) and the log says so
 #   6. real data trained end to end on the device: scikit-learn's digits at sym80, ce and ebomlc,
 #      20 epochs each (their accuracies should match a CPU run's within a few points)
+#   7. the ebomlc run again under torchrun, one process per GPU with NCCL (gloo, 2 processes, on
+#      the CPU in the smoke run)
 #
 # Each step is killed after a stated limit on the GPU, so one hung step cannot eat the rest.
 # Steps 3-5 time on CIFAR-shaped data; without real CIFAR-10 they use a random stand-in (timing
@@ -34,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     --cpu-smoke) smoke=1 ;;
     --log) log="$2"; shift ;;
     --data-dir) data_dir="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -142,7 +144,7 @@ else
   fi
 fi
 summary() {
-  "$python_bin" -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('status','method','dataset','model','epochs','test_acc_last','test_acc_best_val','seconds_per_epoch','device','amp','ops_backend')})" "$1/summary.json" 2>&1 | tee -a "$log"
+  "$python_bin" -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('status','method','dataset','model','epochs','test_acc_last','test_acc_best_val','seconds_per_epoch','device','amp','ops_backend','processes')})" "$1/summary.json" 2>&1 | tee -a "$log"
 }
 [[ -f "$run_dir/summary.json" ]] && summary "$run_dir"
 
@@ -156,6 +158,18 @@ for m in ce ebomlc; do
   fi
   [[ -f "$work/digits-$m/summary.json" ]] && summary "$work/digits-$m"
 done
+
+# 7. the same ebomlc run under torchrun: NCCL with one process per GPU (gloo, two processes, on the
+# CPU); its accuracy must equal step 6's up to the order of floating-point sums
+if [[ $smoke -eq 1 ]]; then
+  step torchrun-digits-ebomlc 0 "$python_bin" -m torch.distributed.run --standalone --nproc-per-node 2 -m nrcore train \
+    --method ebomlc --noise sym80 --epochs 1 --threads 1 --device cpu --out "$work/torchrun-ebomlc"
+else
+  gpus=$("$python_bin" -c "import torch; print(torch.cuda.device_count())")
+  step torchrun-digits-ebomlc 120 "$python_bin" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m nrcore train \
+    --method ebomlc --noise sym80 --epochs 20 --device cuda --out "$work/torchrun-ebomlc"
+fi
+[[ -f "$work/torchrun-ebomlc/summary.json" ]] && summary "$work/torchrun-ebomlc"
 
 say ""
 if [[ ${#failed[@]} -gt 0 ]]; then

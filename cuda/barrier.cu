@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(TensorList<3> list, d
     Acc v = c * to_acc<Acc>(q[i]);
     if (f) v += to_acc<Acc>(f[i]);
     bad |= !isfinite(v);
-    out[i] = from_float<T>(v);
+    out[i] = from_acc<T>(v);
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) report(err, kNonFinite, kOpBarrierCombine);
 }

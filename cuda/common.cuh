@@ -86,12 +86,23 @@ __device__ __forceinline__ Acc to_acc(__half v) { return static_cast<Acc>(__half
 template <class Acc>
 __device__ __forceinline__ Acc to_acc(__nv_bfloat16 v) { return static_cast<Acc>(__bfloat162float(v)); }
 
+// Store an accumulator (AccOf<T>: double for double, float otherwise) as T. The accumulator keeps
+// its own type on the way: a double must not pass through float (it did once, and float64 outputs
+// were float32-accurate).
 template <class T>
-__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+struct FromAcc {
+  __device__ static __forceinline__ T cast(typename AccOf<T>::type v) { return static_cast<T>(v); }
+};
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+struct FromAcc<__half> {
+  __device__ static __forceinline__ __half cast(float v) { return __float2half_rn(v); }
+};
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+struct FromAcc<__nv_bfloat16> {
+  __device__ static __forceinline__ __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
+};
+template <class T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) { return FromAcc<T>::cast(v); }
 
 // Report kNonFinite for `op` if any of x[0..n) is not finite (fbr.cu).
 template <class Acc>
