@@ -276,6 +276,9 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[R
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)),
                                 **({"device_id": device} if backend == "nccl" else {}))  # fmt: skip
         _stop_on_sigterm(rank)
+        import faulthandler
+
+        faulthandler.enable()  # a rank killed by a fatal signal (a C++ abort) prints its Python stack
     return Ranks(rank, world, device, owns_group=owns), device
 
 

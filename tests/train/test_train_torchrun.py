@@ -42,7 +42,12 @@ def run_plan(tmp_path: Path, plan) -> None:
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     done = torchrun(str(WORKER), str(path), timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, stderr_ends(done.stderr)
+
+
+def stderr_ends(text: str, size: int = 3000) -> str:
+    """The start (each rank's progress, the first error) and the end (the launcher's verdict)."""
+    return text if len(text) <= 2 * size else f"{text[:size]}\n[... {len(text) - 2 * size} characters ...]\n{text[-size:]}"
 
 
 def one_process(cli, out: Path):
