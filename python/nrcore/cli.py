@@ -300,6 +300,21 @@ def _is_rank_lost(exc: BaseException) -> bool:
 
 def main(argv=None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)
+    from nrcore import parallel  # a torchrun rank: it ends without the interpreter's teardown
+
+    try:
+        _main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    parallel.end_process(code)
+
+
+def _main(argv=None) -> None:
     cli.add_command(_train_command(_method_in_argv(argv)))
     try:
         rv = cli.main(args=argv, prog_name="nrcore", standalone_mode=False)

@@ -298,6 +298,20 @@ def stop(ranks: Ranks, *, finished: bool = True) -> None:
         ranks.owns_group = False
 
 
+def end_process(code: int) -> None:
+    """End this process now with `code`, skipping the interpreter's teardown: for a torchrun
+    rank whose process group is already left. Under load, ranks sometimes aborted in that
+    teardown after a finished run ("terminate called without an active exception", with no
+    Python frame on the stack: a C++ thread of torch's destroyed while still joinable), which
+    torchrun reports as a failed run. By then every file the run writes is complete (atomic
+    writes, closed), so flushing stdio is all the teardown would have done for us."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _stop_on_sigterm(rank: int) -> None:
     """torchrun ends the other ranks with SIGTERM when one fails: turn that into an error that
     says so (the trainer records it and the last checkpoint stays as it was)."""

@@ -4,7 +4,6 @@ in one process group (one launch for many runs keeps the tests fast). A run with
 "skip_grad_sum": true breaks the gradient sum over the ranks on purpose (the trainer must notice)."""
 
 import json
-import os
 import sys
 
 
@@ -32,12 +31,6 @@ def main(plan_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Every run is done and the group is left: end without the interpreter's teardown. Once in CI
-    # a rank aborted with "terminate called without an active exception" (a C++ thread destroyed
-    # while joinable; the log did not say where, and it did not recur in 8 local tries). The
-    # teardown of torch's distributed threads is a known place for such aborts and is not what
-    # this test checks; if it happens mid-run, the progress lines and faulthandler's stacks
-    # (parallel.start enables it) say where.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from nrcore import parallel
+
+    parallel.end_process(0)  # as the CLI does under torchrun: no interpreter teardown (see there)
