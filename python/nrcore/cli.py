@@ -300,7 +300,7 @@ def _is_rank_lost(exc: BaseException) -> bool:
 
 def main(argv=None) -> None:
     """Entry point: every error is one line on stderr and a non-zero exit."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # parallel.launched_by_torchrun(), without importing torch
         return _main(argv)
     from nrcore import parallel  # a torchrun rank: it ends without the interpreter's teardown
 
@@ -308,9 +308,10 @@ def main(argv=None) -> None:
         _main(argv)
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, (int, type(None))):
-            print(exc.code, file=sys.stderr)
+        code = 0 if exc.code is None else exc.code
+        if not isinstance(code, int):  # sys.exit("message"): Python would print it and exit 1
+            print(code, file=sys.stderr)
+            code = 1
     parallel.end_process(code)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -305,8 +306,6 @@ def end_process(code: int) -> None:
     Python frame on the stack: a C++ thread of torch's destroyed while still joinable), which
     torchrun reports as a failed run. By then every file the run writes is complete (atomic
     writes, closed), so flushing stdio is all the teardown would have done for us."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

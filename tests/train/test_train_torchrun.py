@@ -123,7 +123,7 @@ def test_a_method_that_forgets_to_combine_its_ranks_is_stopped(tmp_path):
 def test_the_cli_under_torchrun_writes_the_one_process_summary(tmp_path):
     args = ["--method", "ce", "--model", "mlp", "--epochs", "2", "--threads", "1", "--noise", "sym50"]
     done = torchrun("-m", "nrcore", "train", *args, "--out", str(tmp_path / "ranks"), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, stderr_ends(done.stderr)
     assert done.stdout.count("finished: ce on digits/sym50") == 1  # rank 0 reports, once
     ranks = json.loads((tmp_path / "ranks" / "summary.json").read_text())
     from nrcore.cli import main
@@ -175,7 +175,7 @@ def test_killing_a_rank_stops_the_other_with_a_message_and_one_process_resumes(t
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode != 0
-    assert "error: rank 0:" in stderr and "--resume" in stderr, stderr[-3000:]
+    assert "error: rank 0:" in stderr and "--resume" in stderr, stderr_ends(stderr)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"].startswith("failed: RankLostError")
     done_epochs = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]  # intact, loadable
