@@ -8,7 +8,7 @@ skipped with a warning, so the script runs while methods are still being written
 
     python bench/accuracy.py                              # the protocol (hours on 2 CPU cores)
     python bench/accuracy.py --dataset cifar10n-cpu       # the CPU CIFAR-10N protocol (a day on 2 cores)
-    python bench/accuracy.py --dataset cifar10n-cpu --device cuda --threads 1 --jobs 14   # the same, 11 min on one H200 (with MPS)
+    python bench/accuracy.py --dataset cifar10n-cpu --device cuda --threads 1 --jobs 14   # the same, 10 min on one H200 (with MPS)
     python bench/accuracy.py --epochs 1 --seeds 0 --methods ce,fbr --noise sym80   # smoke test
     python bench/accuracy.py --ablation fbr               # FBR components off one at a time, sym80
     python bench/accuracy.py --dry-run                    # what would run, what is done already
